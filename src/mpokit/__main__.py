@@ -1,0 +1,3 @@
+from mpokit.cli.main import main
+
+raise SystemExit(main())

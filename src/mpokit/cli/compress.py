@@ -1,0 +1,58 @@
+"""mpokit compress: load a model, apply a method, save the result."""
+from __future__ import annotations
+
+import time
+
+from mpokit.cli.common import emit_json, print_table
+from mpokit.methods.presets import PRESETS, build_config
+
+HELP = "compress a model (default: the embedded SmolLM2-135M-Instruct) and save it"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="model alias (smollm2, minilm), folder, .gguf or hub id")
+    p.add_argument("--method", default="mpo", choices=sorted(PRESETS), help="compression method (default: mpo)")
+    p.add_argument("--budget", type=float, default=None, help="fraction of targeted parameters to keep, in (0,1]")
+    p.add_argument("--max-bond", type=int, default=None, help="cap on every bond dimension")
+    p.add_argument("--cutoff", type=float, default=None, help="relative error target per layer")
+    p.add_argument("--num-cores", type=int, default=None, help="cores per matrix (default per method)")
+    p.add_argument("--targets", default=None, help="comma-separated module names/suffixes (default per architecture)")
+    p.add_argument("--targets-regex", default=None, help="regular expression over full module names")
+    p.add_argument("--exclude", default=None, help="comma-separated module names/suffixes to skip")
+    p.add_argument("--calibration", default=None, help="text file for calibration (activation-aware methods)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--json", default=None, help="write the compression report as JSON here")
+    p.add_argument("--layers", action="store_true", help="print one row per layer")
+
+
+def run(args) -> int:
+    from mpokit.io.checkpoint import save_compressed
+    from mpokit.io.models import load_model
+    from mpokit.methods.base import compress_
+
+    if args.targets and args.targets_regex:
+        raise ValueError("expected at most one of --targets and --targets-regex")
+    targets = args.targets_regex or (args.targets.split(",") if args.targets else None)
+    config = build_config(args.method, budget=args.budget, max_bond=args.max_bond, cutoff=args.cutoff,
+                          num_cores=args.num_cores, target_modules=targets,
+                          exclude_modules=args.exclude.split(",") if args.exclude else None)
+    loaded = load_model(args.model)
+    start = time.perf_counter()
+    report = compress_(loaded.model, config)
+    seconds = time.perf_counter() - start
+    out = {"model": loaded.source, "method": args.method, "config": config.to_dict(), "seconds": seconds,
+           **report.to_dict()}
+    save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out})
+    if args.layers:
+        rows = [{"layer": r.name, "shape": list(r.shape), "params": r.params_after, "kept": r.params_after / r.params_before,
+                 "rel_error": r.rel_error, "bonds": r.detail.get("bonds")} for r in report.layers]
+        print_table(rows, ["layer", "shape", "bonds", "params", "kept", "rel_error"])
+    errors = [r.rel_error for r in report.layers if r.rel_error is not None]
+    print_table([{"model": loaded.source, "method": args.method, "layers": len(report.layers),
+                  "params_before": report.params_before, "params_after": report.params_after,
+                  "kept": report.kept_fraction, "mean_rel_error": sum(errors) / len(errors) if errors else None,
+                  "seconds": seconds}],
+                ["model", "method", "layers", "params_before", "params_after", "kept", "mean_rel_error", "seconds"],
+                title=f"saved to {args.out}")
+    emit_json(args.json, out)
+    return 0

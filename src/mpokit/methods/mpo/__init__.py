@@ -1,0 +1,4 @@
+from mpokit.methods.mpo.config import MPOConfig
+from mpokit.methods.mpo.transform import mpo_compress
+
+__all__ = ["MPOConfig", "mpo_compress"]
