@@ -4,6 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+# Tiny models gain nothing from threads, and OpenMP barriers thrash on a busy 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

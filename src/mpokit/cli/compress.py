@@ -4,7 +4,13 @@ from __future__ import annotations
 import time
 
 from mpokit.cli.common import emit_json, print_table
-from mpokit.methods.presets import PRESETS, build_config
+from mpokit.methods.presets import PRESETS, build_config, needs_calibration
+
+# argparse dests passed to the method's config when given; each must equal a config field name.
+# A method package adding a flag adds its dest here (an option that does not apply to the
+# chosen --method is reported as an error by build_config).
+CONFIG_OPTIONS = ["budget", "max_bond", "cutoff", "num_cores", "calibration_tokens", "bits", "group_size",
+                  "num_experts", "top_k", "groups"]
 
 HELP = "compress a model (default: the embedded SmolLM2-135M-Instruct) and save it"
 
@@ -19,13 +25,23 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", default=None, help="comma-separated module names/suffixes (default per architecture)")
     p.add_argument("--targets-regex", default=None, help="regular expression over full module names")
     p.add_argument("--exclude", default=None, help="comma-separated module names/suffixes to skip")
-    p.add_argument("--calibration", default=None, help="text file for calibration (activation-aware methods)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration text file for activation-aware methods (default: offline pydoc corpus)")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="calibration tokens (default 8192)")
+    p.add_argument("--bits", type=int, default=None, help="weight bits for --method quant: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="columns per quantization group (default 128)")
+    p.add_argument("--experts", dest="num_experts", type=int, default=None,
+                   help="experts per FFN for --method moefication (default 32) / mpoe (default 8)")
+    p.add_argument("--top-k", type=int, default=None, help="experts computed per token (moefication, mpoe)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="--method share: layers per group sharing a central core (1 = none, 0 = all; default 0)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--json", default=None, help="write the compression report as JSON here")
     p.add_argument("--layers", action="store_true", help="print one row per layer")
 
 
 def run(args) -> int:
+    from mpokit.eval.perplexity import load_corpus
     from mpokit.io.checkpoint import save_compressed
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
@@ -33,15 +49,17 @@ def run(args) -> int:
     if args.targets and args.targets_regex:
         raise ValueError("expected at most one of --targets and --targets-regex")
     targets = args.targets_regex or (args.targets.split(",") if args.targets else None)
-    config = build_config(args.method, budget=args.budget, max_bond=args.max_bond, cutoff=args.cutoff,
-                          num_cores=args.num_cores, target_modules=targets,
-                          exclude_modules=args.exclude.split(",") if args.exclude else None)
+    options = {k: getattr(args, k, None) for k in CONFIG_OPTIONS}
+    config = build_config(args.method, target_modules=targets,
+                          exclude_modules=args.exclude.split(",") if args.exclude else None, **options)
+    calibration = load_corpus(args.calibration) if needs_calibration(config) else None
     loaded = load_model(args.model)
     start = time.perf_counter()
-    report = compress_(loaded.model, config)
+    kwargs = {"tokenizer": loaded.tokenizer, "calibration_text": calibration.text} if calibration else {}
+    report = compress_(loaded.model, config, **kwargs)
     seconds = time.perf_counter() - start
     out = {"model": loaded.source, "method": args.method, "config": config.to_dict(), "seconds": seconds,
-           **report.to_dict()}
+           "calibration": calibration.name if calibration else None, **report.to_dict()}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out})
     if args.layers:
         rows = [{"layer": r.name, "shape": list(r.shape), "params": r.params_after, "kept": r.params_after / r.params_before,

@@ -75,14 +75,20 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, tokens: int = 8192, context: int = 512, batch_size: int = 4,
-               progress: bool = True, corpus_name: str = "", cache_factory=None) -> PerplexityResult:
+               progress: bool = True, corpus_name: str = "", cache_factory=None,
+               chunk: int | None = None) -> PerplexityResult:
     """Perplexity of a causal LM over the first `tokens` tokens of `text`, windows of `context`.
 
     cache_factory: optional callable returning a transformers Cache, used so that
     quantized KV caches sit in the loop (the windows are then fed one batch at a time).
+    chunk: feed each window in pieces of `chunk` tokens through one cache per window, so
+    later pieces attend to the cached (e.g. quantized) states of earlier ones; without
+    it a window runs in one forward and a cache is written but never read back.
     """
     if tokens < 2 or context < 2:
         raise ValueError(f"expected tokens >= 2 and context >= 2, got tokens={tokens}, context={context}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"expected chunk >= 1, got {chunk}")
     ids = tokenize_prefix(tokenizer, text, tokens)
     if ids.numel() < 2:
         raise ValueError(f"expected a text of at least 2 tokens, got {ids.numel()}")
@@ -95,14 +101,29 @@ def perplexity(model, tokenizer, text: str, tokens: int = 8192, context: int = 5
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
         for group in _same_length(batch):
             x = torch.stack(group).to(device)  # (B, T)
-            kwargs = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {}
-            logits = model(input_ids=x, **kwargs).logits.float()  # (B, T, V)
+            logits = _window_logits(model, x, cache_factory, chunk)  # (B, T, V)
             total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                          reduction="sum").item()
             scored += x[:, 1:].numel()
     nll = total_nll / scored
     return PerplexityResult(perplexity=math.exp(nll), tokens=int(ids.numel()), scored_tokens=scored, context=context,
                             windows=len(windows), nll=nll, seconds=time.perf_counter() - start, corpus=corpus_name)
+
+
+def _window_logits(model, x: torch.Tensor, cache_factory, chunk: int | None) -> torch.Tensor:
+    """Logits (B, T, V) of a batch of windows, in one forward or in chunks through one cache."""
+    if chunk is None:
+        kwargs = {"past_key_values": cache_factory(), "use_cache": True} if cache_factory else {}
+        return model(input_ids=x, **kwargs).logits.float()
+    if cache_factory is None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+    else:
+        cache = cache_factory()
+    pieces = [model(input_ids=x[:, s:s + chunk], past_key_values=cache, use_cache=True).logits.float()
+              for s in range(0, x.shape[1], chunk)]  # each (B, chunk, V)
+    return torch.cat(pieces, dim=1)
 
 
 def _same_length(batch: list[torch.Tensor]) -> list[list[torch.Tensor]]:

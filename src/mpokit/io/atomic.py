@@ -12,6 +12,17 @@ from typing import Any, Iterator
 __all__ = ["atomic_dir", "write_json", "write_text"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(path: Path, base: int) -> None:
+    """mkstemp/mkdtemp create owner-only (0600/0700) entries; give them the usual umask-based mode."""
+    os.chmod(path, base & ~_umask())
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
@@ -20,6 +31,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _default_mode(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -42,6 +54,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _default_mode(tmp, 0o777)
         yield tmp
         old = None
         if path.exists():

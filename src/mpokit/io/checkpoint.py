@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from mpokit.io.atomic import atomic_dir
+from mpokit.layers.ffn import Passthrough
+from mpokit.layers.moe import MoEFFN
+from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear
+from mpokit.layers.quant import QuantLinear
+from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.methods.base import applied_methods
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
@@ -30,8 +35,10 @@ __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoi
 
 META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 1
 # Layer classes a checkpoint may contain; each has spec() and from_spec(spec, dtype=...).
-LAYER_TYPES: dict[str, type] = {"MPOLinear": MPOLinear, "MPOEmbedding": MPOEmbedding}
+LAYER_TYPES: dict[str, type] = {"MPOLinear": MPOLinear, "MPOEmbedding": MPOEmbedding, "QuantLinear": QuantLinear,
+                                "QuantMPOLinear": QuantMPOLinear}
 
+LAYER_TYPES.update({c.__name__: c for c in (MoEFFN, MPOEFFN, UpcycledMoE, Passthrough)})  # routed FFNs
 
 def register_layer(cls: type) -> type:
     """Let checkpoints store layers of `cls` (other method packages call this)."""
@@ -136,6 +143,16 @@ def _build_model(path: Path, meta: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _reshare_parameters(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make parameters that were one Parameter at save time (e.g. MPO central cores shared
+    across layers) one Parameter again; load_state_dict filled them as separate copies."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, kept in aliases.items():
+        if alias in params and kept in params and params[alias] is not params[kept]:
+            owner, _, attr = alias.rpartition(".")
+            setattr(get_module(model, owner) if owner else model, attr, params[kept])
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild a model saved by save_compressed. Raises CheckpointError on any mismatch."""
     from safetensors import SafetensorError
@@ -162,5 +179,6 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     for name, spec in meta["layers"].items():  # re-share cores that load_state_dict copied into separately
         if spec.get("tied_to"):
             get_module(model, name).cores = get_module(model, spec["tied_to"]).cores
+    _reshare_parameters(model, meta.get("aliases", {}))
     model._mpokit_methods = meta.get("methods", [])
     return model.to(device).eval()

@@ -1,29 +1,56 @@
-"""Named method presets used by the CLI (`--method NAME`) and benchmarks."""
+"""Named method presets used by the CLI (`--method NAME`) and benchmarks.
+
+A preset is a config class plus fixed field values. `build_config` fills in the
+options the user gave; an option that is not a field of the preset's config is an
+error naming it (e.g. --bits with --method svd), never silently ignored.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any
 
+from mpokit.methods.aware.config import AwareConfig
 from mpokit.methods.base import MethodConfig
+from mpokit.methods.moefication.config import MoEficationConfig
 from mpokit.methods.mpo.config import MPOConfig
+from mpokit.methods.mpoe.config import MPOEConfig
+from mpokit.methods.quant.config import QuantConfig
+from mpokit.methods.share.config import ShareConfig
 
-__all__ = ["PRESETS", "build_config"]
+__all__ = ["PRESETS", "build_config", "needs_calibration"]
 
-
-def _mpo(num_cores: int = 3, lowrank: bool = False) -> Callable[..., MethodConfig]:
-    def make(num_cores_override=None, **kw) -> MethodConfig:
-        return MPOConfig(num_cores=num_cores_override or num_cores, lowrank=lowrank, **kw)
-    return make
-
-
-PRESETS: dict[str, Callable[..., MethodConfig]] = {
-    "mpo": _mpo(3),  # becomes the activation-aware path once calibration lands
-    "mpo-datafree": _mpo(3),
-    "svd": _mpo(2, lowrank=True),
+PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
+    # activation-aware, global allocation, low-rank or 3-core MPO per layer (the default)
+    "mpo": (AwareConfig, {"layouts": ("lowrank", "mpo")}),
+    "aware-lowrank": (AwareConfig, {"layouts": ("lowrank",)}),
+    # baselines
+    "aware-global": (AwareConfig, {"layouts": ("lowrank", "mpo"), "allocation": "global", "error_norm": "relative"}),
+    "whitened-svd": (AwareConfig, {"scaling": "whiten", "allocation": "uniform", "correct": False}),  # SVD-LLM
+    "asvd": (AwareConfig, {"scaling": "diag", "allocation": "uniform"}),  # ASVD
+    "svd": (AwareConfig, {"scaling": "none", "allocation": "uniform"}),  # plain truncated SVD
+    "mpo-datafree": (MPOConfig, {"num_cores": 3}),  # TT-SVD of the raw weights
+    "quant": (QuantConfig, {}),  # group-wise low-bit weights (--bits, --group-size)
+    # experts and sharing
+    "moefication": (MoEficationConfig, {}),  # FFN -> experts + trained router, top-k computed (--experts, --top-k)
+    "mpoe": (MPOEConfig, {}),  # FFN upcycled to MPO experts sharing central cores (--experts, --top-k)
+    "share": (ShareConfig, {}),  # MPO central cores shared across layers (--groups, --budget or --max-bond)
 }
 
 
-def build_config(name: str, num_cores: int | None = None, **kw: Any) -> MethodConfig:
+def build_config(name: str, **options: Any) -> MethodConfig:
+    """Config for preset `name`; options left None are not set."""
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; expected one of {sorted(PRESETS)}")
-    kw = {k: v for k, v in kw.items() if v is not None}
-    return PRESETS[name](num_cores_override=num_cores, **kw)
+    cls, fixed = PRESETS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(k for k in given if k not in fields)
+    if foreign:
+        raise ValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply "
+                         f"to --method {name}")
+    return cls(**{**fixed, **given})
+
+
+def needs_calibration(config: MethodConfig) -> bool:
+    """Whether compress_ needs calibration data (tokenizer + text) for this config."""
+    return bool(getattr(config, "needs_calibration", False))

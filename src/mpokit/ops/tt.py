@@ -167,11 +167,14 @@ def bonds_for_budget(spectra: list[torch.Tensor], out_dims: list[int], in_dims: 
     return fill_bonds([(out_dims, in_dims, bonds, limits)], max_params)[0]
 
 
-def fill_bonds(layouts: list[tuple[list[int], list[int], list[int], list[int]]], max_params: int) -> list[list[int]]:
+def fill_bonds(layouts: list[tuple], max_params: int) -> list[list[int]]:
     """Spend leftover budget across one or many MPOs: raise the cheapest bond by one while the
-    total stays <= max_params. layouts: (out_dims, in_dims, bonds, bond_limits) per MPO."""
-    bonds = [list(b) for _, _, b, _ in layouts]
-    total = sum(count_params(o, i, b) for (o, i, _, _), b in zip(layouts, bonds))
+    total stays <= max_params. layouts: (out_dims, in_dims, bonds, bond_limits[, layer_cap]) per
+    MPO; layer_cap (e.g. the dense size) bounds that MPO's own parameter count."""
+    bonds = [list(lay[2]) for lay in layouts]
+    sizes = [count_params(lay[0], lay[1], b) for lay, b in zip(layouts, bonds)]
+    caps = [lay[4] if len(lay) > 4 else None for lay in layouts]
+    total = sum(sizes)
 
     def cost(j: int, k: int) -> int:
         o, i = layouts[j][0], layouts[j][1]
@@ -181,11 +184,13 @@ def fill_bonds(layouts: list[tuple[list[int], list[int], list[int], list[int]]],
     while True:
         options = [(cost(j, k), j, k) for j, lay in enumerate(layouts) for k in range(len(bonds[j]))
                    if bonds[j][k] < lay[3][k]]
-        options = [t for t in options if total + t[0] <= max_params]
+        options = [t for t in options if total + t[0] <= max_params
+                   and (caps[t[1]] is None or sizes[t[1]] + t[0] <= caps[t[1]])]
         if not options:
             return bonds
         c, j, k = min(options)
         bonds[j][k] += 1
+        sizes[j] += c
         total += c
 
 

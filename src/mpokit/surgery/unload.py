@@ -5,12 +5,15 @@ import torch
 from torch import nn
 
 from mpokit.layers.mpo import MPOEmbedding, MPOModule
+from mpokit.layers.quant import QuantLinear
+from mpokit.layers.quant_mpo import QuantMPOLinear
+from mpokit.surgery.ffn import unload_routed_ffns_
 from mpokit.surgery.replace import get_module, set_module
 
 __all__ = ["to_dense_module", "unload_"]
 
 
-def to_dense_module(layer: MPOModule) -> nn.Module:
+def to_dense_module(layer: MPOModule | QuantLinear | QuantMPOLinear) -> nn.Module:
     """nn.Linear, transformers Conv1D or nn.Embedding with the layer's current weight."""
     if isinstance(layer, MPOEmbedding):
         return layer.to_embedding()
@@ -28,8 +31,9 @@ def to_dense_module(layer: MPOModule) -> nn.Module:
 
 
 def unload_(model: nn.Module) -> nn.Module:
-    """Replace every MPO layer by its dense equivalent, in place; tied layers stay tied."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MPOModule)]
+    """Replace every MPO or quantized layer by its dense equivalent, in place; tied layers stay tied."""
+    unload_routed_ffns_(model)  # MoE FFNs first: their MPO experts become dense
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (MPOModule, QuantLinear, QuantMPOLinear))]
     for name, layer in layers:
         set_module(model, name, to_dense_module(layer))
     for name, layer in layers:

@@ -14,8 +14,10 @@ class MPOConfig(MethodConfig):
     """Data-free MPO decomposition (TT-SVD) of the targeted weights.
 
     Truncation (at most one of budget / max_bond / cutoff; none = lossless):
-      budget: fraction of the targeted layers' parameters to keep, in (0, 1]; each layer
-        keeps at most that fraction of its own parameters.
+      budget: fraction of the targeted layers' parameters to keep in total, in (0, 1]. Each
+        layer first gets that fraction of its own parameters, then the leftover is spread over
+        all layers (cheapest bond first), so one layer may end above its own share, but
+        never above its dense size.
       max_bond: cap on every bond dimension.
       cutoff: relative Frobenius error target per layer.
     Layout:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear, MPOModule, make_layout
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.mpo.config import MPOConfig
-from mpokit.ops.tt import bonds_for_budget, fill_bonds, pad_matrix, tt_svd
+from mpokit.ops.tt import bonds_for_budget, count_params, fill_bonds, pad_matrix, tt_svd
 from mpokit.surgery.replace import get_module, set_module, tied_groups
 from mpokit.surgery.targets import find_targets, weight_matrix
 
@@ -41,7 +41,7 @@ def plan_bonds(model: nn.Module, names: list[str], layouts: dict[str, dict], bud
         padded = pad_matrix(w.detach(), math.prod(od), math.prod(idd))
         _, info = tt_svd(padded, od, idd)
         bonds = bonds_for_budget(info.spectra, od, idd, int(budget * w.numel()))
-        plans.append((od, idd, bonds, [s.numel() for s in info.spectra]))
+        plans.append((od, idd, bonds, [s.numel() for s in info.spectra], max(w.numel(), count_params(od, idd, bonds))))
         total += w.numel()
     filled = fill_bonds(plans, int(budget * total))
     return dict(zip(names, filled))

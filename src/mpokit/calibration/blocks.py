@@ -1,0 +1,107 @@
+"""Stream calibration block by block through a model's repeated layers.
+
+Instead of holding a Gram matrix for every layer of the model at once, the
+calibration hidden states (tokens x hidden, a few MB) are captured at the input of the
+first block and pushed through one block at a time: only that block's statistics
+exist at any moment, and a caller may compress the block before its outputs feed the
+next one (so later layers calibrate on what the compressed model really computes).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mpokit.calibration.stats import GramAccumulator, InputStats
+
+__all__ = ["find_blocks", "stream_blocks"]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated transformer blocks (the one holding most parameters)."""
+    best, best_size = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            size = sum(p.numel() for p in m.parameters())
+            if size > best_size:
+                best, best_size = (name, m), size
+    if best is None:
+        raise ValueError("expected a model with a ModuleList of transformer blocks, found none")
+    return best
+
+
+@torch.no_grad()
+def _capture_first_block_inputs(model, blocks, batches) -> list[tuple[torch.Tensor, dict]]:
+    captured = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block, hidden, kwargs) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def stream_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor],
+                  on_block: Callable[[int, list[str], InputStats], bool], progress: bool = True,
+                  desc: str = "calibration", reference: bool = False) -> list[str]:
+    """For each block: collect input Grams of its layers among `names`, call on_block(i, names, stats).
+
+    on_block returns True if it changed the block; the block's outputs are then
+    recomputed so the next block sees the changed model. With reference=True a second
+    stream runs the blocks as they were before on_block changed them (the original
+    model), and stats.cross holds X_ref^T X for each layer, so a method can fit
+    M X ~ W X_ref (correcting upstream error) instead of M X ~ W X.
+    Returns the names that lie outside the blocks (the caller handles those another way).
+    """
+    prefix, blocks = find_blocks(model)
+    inputs = _capture_first_block_inputs(model, blocks, batches)
+    ref_inputs = list(inputs) if reference else None
+    tokens = sum(b.numel() for b in batches)
+    inside = set()
+    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        block_prefix = f"{prefix}.{i}."
+        local = [n for n in names if n.startswith(block_prefix)]
+        inside.update(local)
+        acc = GramAccumulator(model, local)
+        outputs, ref_outputs = [], []
+        try:
+            for k, (hidden, kwargs) in enumerate(inputs):
+                if ref_inputs is not None:  # original block on original inputs: record layer inputs
+                    acc.new_forward()
+                    acc.recording = {}
+                    ref_outputs.append(_run_block(block, ref_inputs[k][0], kwargs))
+                    acc.reference, acc.recording = acc.recording, None
+                acc.new_forward()
+                outputs.append(_run_block(block, hidden, kwargs))
+        finally:
+            acc.detach()
+        acc.stats.tokens = tokens
+        if local and on_block(i, local, acc.stats):
+            outputs = [_run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
+        if ref_inputs is not None:
+            ref_inputs = [(out, kwargs) for out, (_, kwargs) in zip(ref_outputs, ref_inputs)]
+    return [n for n in names if n not in inside]

@@ -1,0 +1,307 @@
+"""Low-bit KV caches for transformers' generation and evaluation: DecoQuant and plain RTN.
+
+Both store each cached token's key/value row (per head, `head_dim` values) as packed b-bit
+codes with a 16-bit scale and offset per token, keep the `residual_length` most recent tokens
+in 16 bits, and quantize a token once, when it leaves that window. DecoQuant first splits
+the rows into a large core (quantized) and a small 16-bit core per layer and head (see
+`mpokit.ops.decoquant`); the small core is fitted on the first tokens quantized. RTN
+quantizes the rows directly: the ablation at the same bits and the same layout.
+
+The layers subclass transformers' `BaseQuantizedLayer` (per-token codes can be appended to,
+so there is no KIVI-style re-quantization of the whole cache); the caches subclass `Cache`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import BaseQuantizedLayer, Cache
+
+from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
+from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, check_bits, dequantize, pack_bits, quantize, unpack_bits
+
+__all__ = ["PackedTokens", "KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes", "make_kv_cache",
+           "KVCacheFactory", "KV_CACHE_KINDS"]
+
+KV_CACHE_KINDS = ("decoquant", "rtn", "quanto")
+KV_CLIP_RATIOS = DEFAULT_CLIP_RATIOS[::2]  # 1.0, 0.95, ..., 0.6: per-token range search at quantize time
+STORE_DTYPE = torch.float16  # residual window, scales, offsets and small cores
+
+
+@dataclass
+class PackedTokens:
+    """Per-token packed codes (B, H, T, ceil(D * bits / 8)) with float16 scale and offset (B, H, T)."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.packed.shape[-2]
+
+    def cat(self, other: "PackedTokens") -> "PackedTokens":
+        return PackedTokens(*(torch.cat([a, b], dim=2) for a, b in
+                              ((self.packed, other.packed), (self.scale, other.scale), (self.offset, other.offset))))
+
+    def map(self, fn) -> "PackedTokens":
+        return PackedTokens(fn(self.packed), fn(self.scale), fn(self.offset))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
+
+
+def _quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None) -> PackedTokens:
+    b, h, n, d = x.shape
+    q = quantize(x.reshape(-1, d), bits, group_size=d, clip_ratios=clip)  # one group per token row
+    packed = pack_bits(q.codes, bits).reshape(b, h, n, -1)  # (B, H, n, ceil(d*bits/8))
+    return PackedTokens(packed, q.scale.reshape(b, h, n), q.offset.reshape(b, h, n))
+
+
+def _dequantize_tokens(p: PackedTokens, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    b, h, n, _ = p.packed.shape
+    codes = unpack_bits(p.packed.reshape(b * h * n, -1), bits, d)  # (BHn, d)
+    x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, d, dtype=dtype)
+    return x.reshape(b, h, n, d)
+
+
+class KVQuantLayer(BaseQuantizedLayer):
+    """One attention layer's cache: packed low-bit tokens + a 16-bit window of the newest ones.
+
+    small_dim=None gives plain per-token RTN; an int gives DecoQuant with a (small_dim x
+    small_dim) 16-bit small core per head for keys and for values.
+    """
+
+    def __init__(self, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16, alpha: float = 0.5,
+                 clip_search: bool = True):
+        super().__init__()
+        check_bits(bits)
+        if residual_length < 0:
+            raise ValueError(f"expected residual_length >= 0, got {residual_length}")
+        self.bits, self.residual_length, self.small_dim, self.alpha = bits, residual_length, small_dim, alpha
+        self.clip = KV_CLIP_RATIOS if clip_search else None
+        self._small: dict[str, torch.Tensor] = {}  # "k"/"v" -> (H, d2, d2) float16 small core
+        self._small_inv: dict[str, torch.Tensor] = {}  # derived from _small (not stored, not counted)
+
+    # ---- quantized storage --------------------------------------------------------------
+    def _encode(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        if self.small_dim is None:
+            return x
+        if which not in self._small:  # fit on the first tokens quantized, shared by the batch
+            h, d = x.shape[1], x.shape[-1]
+            rows = x.float().transpose(0, 1).reshape(h, -1, d)  # (H, B*n, D)
+            self._small[which] = fit_small_core(rows, self.small_dim, self.alpha).to(STORE_DTYPE)
+            self._small_inv[which] = torch.linalg.inv(self._small[which].float())
+        return to_large_core(x.float(), self._small_inv[which])
+
+    def _decode(self, large: torch.Tensor, which: str) -> torch.Tensor:
+        return large if self.small_dim is None else from_large_core(large, self._small[which].float())
+
+    def _quantize(self, tensor: torch.Tensor, which: str = "k") -> PackedTokens:
+        return _quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip)
+
+    def _dequantize(self, q_tensor: PackedTokens, which: str = "k") -> torch.Tensor:
+        d = self.head_dim
+        return self._decode(_dequantize_tokens(q_tensor, self.bits, d, torch.float32), which).to(self.dtype)
+
+    # ---- the Cache layer interface ---------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=STORE_DTYPE)
+        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=STORE_DTYPE)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        parts_k, parts_v = [], []
+        if self._quantized_keys is not None:
+            parts_k.append(self._dequantize(self._quantized_keys, "k"))
+            parts_v.append(self._dequantize(self._quantized_values, "v"))
+        # the current tokens attend to their own exact states, as with transformers' quantized caches
+        keys = torch.cat(parts_k + [self.keys.to(self.dtype), key_states], dim=-2)
+        values = torch.cat(parts_v + [self.values.to(self.dtype), value_states], dim=-2)
+        self._push(key_states, value_states)
+        return keys, values
+
+    def _push(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append to the 16-bit window; tokens pushed out of it are quantized (once)."""
+        res_k = torch.cat([self.keys, key_states.to(STORE_DTYPE)], dim=-2)
+        res_v = torch.cat([self.values, value_states.to(STORE_DTYPE)], dim=-2)
+        overflow = res_k.shape[-2] - self.residual_length
+        if overflow > 0:
+            # quantize from the exact states where we have them (the fp16 window only for older tokens)
+            exact_k = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)[..., :overflow, :]
+            exact_v = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)[..., :overflow, :]
+            qk, qv = self._quantize(exact_k, "k"), self._quantize(exact_v, "v")
+            self._quantized_keys = qk if self._quantized_keys is None else self._quantized_keys.cat(qk)
+            self._quantized_values = qv if self._quantized_values is None else self._quantized_values.cat(qv)
+            res_k, res_v = res_k[..., overflow:, :], res_v[..., overflow:, :]
+        self.keys, self.values = res_k, res_v
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def reset(self) -> None:
+        super().reset()
+        self._small, self._small_inv = {}, {}
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest `-tokens_to_remove` tokens (negative, as transformers' DynamicLayer takes it)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"expected a negative number of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        from_window = min(n, self.keys.shape[-2])
+        self.keys, self.values = self.keys[..., : self.keys.shape[-2] - from_window, :], \
+            self.values[..., : self.values.shape[-2] - from_window, :]
+        rest = n - from_window
+        if rest and self._quantized_keys is not None:
+            keep = self._quantized_keys.length - rest
+            self._quantized_keys = self._quantized_keys.map(lambda t: t[:, :, :keep])
+            self._quantized_values = self._quantized_values.map(lambda t: t[:, :, :keep])
+        self.cumulative_length -= n
+
+    def _batch_map(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self._quantized_keys is not None:
+            self._quantized_keys, self._quantized_values = self._quantized_keys.map(fn), self._quantized_values.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_map(lambda t: t[indices, ...])
+
+    # ---- accounting -----------------------------------------------------------------------
+    def storage_bytes(self) -> int:
+        """Bytes held: packed codes, scales, offsets, small cores and the 16-bit window."""
+        if not self.is_initialized:
+            return 0
+        total = (self.keys.numel() + self.values.numel()) * 2  # float16 window
+        if self._quantized_keys is not None:
+            total += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
+        return total + sum(t.numel() * t.element_size() for t in self._small.values())
+
+    def fp16_bytes(self) -> int:
+        """What a 16-bit cache would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, d = self.keys.shape
+        return 2 * b * h * self.cumulative_length * d * 2
+
+
+def _full_attention_layers(config) -> int:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        raise ValueError(f"expected a model with full-attention layers only, got layer types {sorted(set(types))}")
+    return text.num_hidden_layers
+
+
+class DecoQuantCache(Cache):
+    """DecoQuant KV cache: `model.generate(..., past_key_values=DecoQuantCache(model.config, bits=4))`."""
+
+    def __init__(self, config=None, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16,
+                 alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("expected a model config or num_layers, got neither")
+            num_layers = _full_attention_layers(config)
+        self.bits, self.residual_length = bits, residual_length
+        super().__init__(layers=[KVQuantLayer(bits, residual_length, small_dim, alpha, clip_search)
+                                 for _ in range(num_layers)])
+
+    def storage_bytes(self) -> int:
+        return sum(layer.storage_bytes() for layer in self.layers)
+
+    def fp16_bytes(self) -> int:
+        return sum(layer.fp16_bytes() for layer in self.layers)
+
+
+class RTNKVCache(DecoQuantCache):
+    """Plain round-to-nearest per-token KV quantization: DecoQuant's ablation (no decomposition)."""
+
+    def __init__(self, config=None, bits: int = 4, residual_length: int = 16, clip_search: bool = True,
+                 num_layers: int | None = None):
+        super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers)
+
+
+def _tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of the inner tensors of a tensor subclass (quanto's packed QTensors)."""
+    if t is None:
+        return 0
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor:
+        return sum(_tensor_bytes(getattr(t, name)) for name in flatten()[0])
+    return t.numel() * t.element_size()
+
+
+def kv_cache_bytes(cache) -> tuple[int, int]:
+    """(bytes held, bytes a 16-bit cache would hold) for mpokit caches and transformers' caches."""
+    if hasattr(cache, "storage_bytes"):
+        return cache.storage_bytes(), cache.fp16_bytes()
+    held = fp16 = 0
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        held += _tensor_bytes(layer.keys) + _tensor_bytes(layer.values)
+        held += _tensor_bytes(getattr(layer, "_quantized_keys", None)) + _tensor_bytes(getattr(layer, "_quantized_values", None))
+        b, h, _, d = layer.keys.shape if layer.keys.dim() == 4 else (0, 0, 0, 0)
+        if b == 0:  # empty window: read the shape from the quantized keys
+            b, h, _, d = layer._quantized_keys.shape
+        fp16 += 2 * b * h * layer.get_seq_length() * d * 2
+    return held, fp16
+
+
+def make_kv_cache(kind: str, config, bits: int = 4, residual_length: int = 16, **kw) -> Cache:
+    """A fresh cache: "decoquant", "rtn" (mpokit) or "quanto" (transformers' QuantizedCache)."""
+    if kind == "decoquant":
+        return DecoQuantCache(config, bits=bits, residual_length=residual_length, **kw)
+    if kind == "rtn":
+        return RTNKVCache(config, bits=bits, residual_length=residual_length, **kw)
+    if kind == "quanto":
+        from transformers import QuantizedCache
+
+        if bits not in (2, 4):
+            raise ValueError(f"expected bits in (2, 4) for the quanto backend, got {bits}")
+        # axis 0 with group = head_dim: one scale/shift per token and head, the same grouping as ours
+        text = config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return QuantizedCache("quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=head_dim,
+                              residual_length=residual_length)
+    raise ValueError(f"expected a kv cache kind in {KV_CACHE_KINDS}, got {kind!r}")
+
+
+class KVCacheFactory:
+    """Callable making a fresh cache per evaluation batch, measuring each one's bytes when the next is made."""
+
+    def __init__(self, kind: str, config, bits: int = 4, residual_length: int = 16, **kw):
+        self.kind, self.config, self.bits, self.residual_length, self.kw = kind, config, bits, residual_length, kw
+        self.held = self.fp16 = 0
+        self._last = None
+        make_kv_cache(kind, config, bits, residual_length, **kw)  # fail early on bad settings
+
+    def __call__(self) -> Cache:
+        self._measure()
+        self._last = make_kv_cache(self.kind, self.config, self.bits, self.residual_length, **self.kw)
+        return self._last
+
+    def _measure(self) -> None:
+        if self._last is not None:
+            held, fp16 = kv_cache_bytes(self._last)
+            self.held, self.fp16 = self.held + held, self.fp16 + fp16
+            self._last = None
+
+    def bytes_ratio(self) -> float:
+        """Bytes held / 16-bit bytes, summed over the caches made so far (each at its fullest)."""
+        self._measure()
+        return self.held / self.fp16 if self.fp16 else float("nan")

@@ -1,0 +1,162 @@
+"""QuantLinear: a Linear whose weight is stored as packed low-bit codes + 16-bit group scales.
+
+Storage is real: `packed` holds ceil(out * in * bits / 8) bytes, `scale` (and `offset` when
+asymmetric) one float16 per group of `group_size` input columns per output row. The forward
+unpacks and dequantizes the weight on every call (nothing dense is kept unless
+`cache_weight=True` is asked for, which trades memory for speed in generation loops).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpokit.ops.quant import SCALE_DTYPE, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
+
+__all__ = ["QuantLinear", "QuantizedTensor"]
+
+
+class QuantizedTensor(nn.Module):
+    """Packed storage of one (rows, cols) matrix; `dequantize()` rebuilds it (used for MPO cores too)."""
+
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool = False, device=None):
+        super().__init__()
+        check_bits(bits)
+        self.rows, self.cols, self.bits, self.group_size, self.symmetric = rows, cols, bits, group_size, symmetric
+        groups = num_groups(cols, group_size)
+        self.register_buffer("packed", torch.zeros(math.ceil(rows * cols * bits / 8), dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(rows, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("offset", None if symmetric else torch.zeros(rows, groups, dtype=SCALE_DTYPE, device=device))
+
+    @torch.no_grad()
+    def set_from(self, matrix: torch.Tensor, clip_ratios: tuple[float, ...] | None = None) -> None:
+        if tuple(matrix.shape) != (self.rows, self.cols):
+            raise ValueError(f"expected a ({self.rows}, {self.cols}) matrix, got {tuple(matrix.shape)}")
+        q = quantize(matrix, self.bits, self.group_size, self.symmetric, clip_ratios)
+        self.packed = pack_bits(q.codes.reshape(-1), self.bits)  # (ceil(rows*cols*bits/8),)
+        self.scale = q.scale
+        if not self.symmetric:
+            self.offset = q.offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack_bits(self.packed, self.bits, self.rows * self.cols).reshape(self.rows, self.cols)
+        return dequantize(codes, self.scale, self.offset, self.bits, self.group_size, dtype=dtype)
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset) if t is not None)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half() must not re-type the 16-bit scales or the uint8 codes; devices still move
+        saved = {k: getattr(self, k) for k in ("scale", "offset") if getattr(self, k) is not None}
+        out = super()._apply(fn, recurse)
+        for k, t in saved.items():
+            cur = getattr(self, k)
+            if cur.dtype != SCALE_DTYPE:
+                setattr(self, k, t.to(cur.device))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}")
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear with a group-wise quantized weight (2/3/4/8 bits)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 symmetric: bool = False, bias: bool = True, cache_weight: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = QuantizedTensor(out_features, in_features, bits, group_size, symmetric, device=device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        self.cache_weight = cache_weight
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.qweight.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.qweight.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qweight.symmetric
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int = 4,
+                    group_size: int = 128, symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None,
+                    cache_weight: bool = False) -> "QuantLinear":
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bits, group_size, symmetric, bias=bias is not None, cache_weight=cache_weight,
+                    device=weight.device, dtype=weight.dtype)
+        layer.qweight.set_from(weight, clip_ratios)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
+        return cls.from_weight(linear.weight, linear.bias, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) weight, for code that reads `.weight`."""
+        if self.cache_weight:
+            p = self.qweight.packed
+            key = (id(p), p._version, p.device)
+            if self._cached is None or self._cached[0] != key:
+                self._cached = (key, self.qweight.dequantize(self.compute_dtype))
+            return self._cached[1]
+        return self.qweight.dequantize(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        w = self.weight
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized weight (the quantization error stays)."""
+        w = self.qweight.dequantize(self.compute_dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def storage_bytes(self) -> int:
+        """Bytes of packed codes + 16-bit scales/offsets + bias."""
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.qweight.storage_bytes() + bias
+
+    def _apply(self, fn, recurse=True):
+        self._cached = None
+        out = super()._apply(fn, recurse)
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
+        else:  # follow a dtype conversion through a probe tensor
+            self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "QuantLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["symmetric"],
+                   bias=spec["bias"], device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")

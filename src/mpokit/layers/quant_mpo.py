@@ -1,0 +1,143 @@
+"""QuantMPOLinear: an MPO layer whose chosen cores (central, auxiliary or all) are stored low-bit.
+
+Each quantized core (r0, o, i, r1) is stored as a packed (r0*o, i*r1) matrix with group-wise
+16-bit scales; the other cores stay float Parameters (still trainable). The forward dequantizes
+the cores and then takes the cheaper of contraction and dense reconstruction, as MPOLinear does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpokit.layers.mpo import CONTRACT_OVERHEAD, MPOLinear
+from mpokit.layers.quant import QuantizedTensor
+from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply
+from mpokit.ops.tt import core_shapes, tt_to_matrix
+
+__all__ = ["QuantMPOLinear", "select_cores"]
+
+
+def select_cores(shapes: list[tuple[int, ...]], which: str) -> list[int]:
+    """Indices of the cores to quantize: "all", "central" (most parameters) or "auxiliary" (the rest)."""
+    central = max(range(len(shapes)), key=lambda k: math.prod(shapes[k]))
+    if which == "all":
+        return list(range(len(shapes)))
+    if which == "central":
+        return [central]
+    if which == "auxiliary":
+        return [k for k in range(len(shapes)) if k != central]
+    raise ValueError(f"expected which in ('all', 'central', 'auxiliary'), got {which!r}")
+
+
+class QuantMPOLinear(nn.Module):
+    """MPO cores, some of them packed low-bit; a drop-in for the nn.Linear the MPO replaced."""
+
+    def __init__(self, in_features: int, out_features: int, out_dims, in_dims, bonds, quantized: list[int],
+                 bits: int = 4, group_size: int = 128, symmetric: bool = False, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.out_dims, self.in_dims, self.bonds = list(out_dims), list(in_dims), list(bonds)
+        self.quantized = sorted(quantized)
+        self.shapes = core_shapes(self.out_dims, self.in_dims, self.bonds)
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        self.qcores = nn.ModuleDict({
+            str(k): QuantizedTensor(s[0] * s[1], s[2] * s[3], bits, group_size, symmetric, device=device)
+            for k, s in enumerate(self.shapes) if k in self.quantized})
+        self.fcores = nn.ParameterDict({
+            str(k): nn.Parameter(torch.zeros(s, device=device, dtype=dtype))
+            for k, s in enumerate(self.shapes) if k not in self.quantized})
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+
+    @classmethod
+    def from_mpo(cls, layer: MPOLinear, which: str = "all", *, bits: int = 4, group_size: int = 128,
+                 symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None) -> "QuantMPOLinear":
+        cores = [c.detach() for c in layer.cores]
+        quantized = select_cores([tuple(c.shape) for c in cores], which)
+        new = cls(layer.in_features, layer.out_features, layer.out_dims, layer.in_dims, layer.bonds, quantized,
+                  bits, group_size, symmetric, bias=layer.bias is not None, device=cores[0].device,
+                  dtype=cores[0].dtype)
+        with torch.no_grad():
+            for k, c in enumerate(cores):
+                r0, o, i, r1 = c.shape
+                if k in quantized:
+                    new.qcores[str(k)].set_from(c.reshape(r0 * o, i * r1), clip_ratios)
+                else:
+                    new.fcores[str(k)].copy_(c)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def cores(self) -> list[torch.Tensor]:
+        """All cores as float tensors (quantized ones dequantized now)."""
+        out = []
+        for k, s in enumerate(self.shapes):
+            out.append(self.qcores[str(k)].dequantize(self.compute_dtype).reshape(s) if k in self.quantized
+                       else self.fcores[str(k)])
+        return out
+
+    def full_weight(self) -> torch.Tensor:
+        return tt_to_matrix(self.cores())[: self.out_features, : self.in_features]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.full_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        cores = self.cores()
+        dense = dense_flops(x2.shape[0], self.out_features, self.in_features) + reconstruct_flops(self.shapes)
+        if CONTRACT_OVERHEAD * contract_flops(x2.shape[0], self.shapes) < dense:
+            cols = math.prod(self.in_dims)
+            xp = F.pad(x2, (0, cols - self.in_features)) if cols != self.in_features else x2
+            y = tt_apply(xp, cores)[:, : self.out_features]
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = F.linear(x2, tt_to_matrix(cores)[: self.out_features, : self.in_features], self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def to_mpo(self) -> MPOLinear:
+        """A float MPOLinear with the dequantized cores (the quantization error stays)."""
+        new = MPOLinear(self.in_features, self.out_features, self.out_dims, self.in_dims, self.bonds,
+                        bias=self.bias is not None, dtype=self.compute_dtype)
+        new.set_cores([c.detach() for c in self.cores()])
+        if self.bias is not None:
+            new.bias.data.copy_(self.bias.detach())
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        return self.to_mpo().to_linear()
+
+    def storage_bytes(self) -> int:
+        floats = sum(p.numel() * p.element_size() for p in self.fcores.values())
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return sum(q.storage_bytes() for q in self.qcores.values()) + floats + bias
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                "out_dims": self.out_dims, "in_dims": self.in_dims, "bonds": self.bonds, "quantized": self.quantized,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "QuantMPOLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["out_dims"], spec["in_dims"], spec["bonds"],
+                   spec["quantized"], spec["bits"], spec["group_size"], spec["symmetric"], bias=spec["bias"],
+                   device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.out_features}x{self.in_features}, out_dims={self.out_dims}, in_dims={self.in_dims}, "
+                f"bonds={self.bonds}, quantized cores={self.quantized}, bits={self.bits}, group_size={self.group_size}")

@@ -1,0 +1,158 @@
+"""Activation-aware compression: weighted spectra -> global allocation -> sequential factorization.
+
+Pass 1 streams calibration through the blocks and records each layer's weighted
+singular values. The budget is then allocated across layers. Pass 2 streams again and
+factorizes each block with statistics of the inputs the already-compressed blocks
+produce, so errors of earlier layers are seen (and partly absorbed) by later ones.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mpokit.calibration.blocks import stream_blocks
+from mpokit.calibration.stats import InputStats, calibration_batches, collect_input_stats
+from mpokit.layers.mpo import MPOLinear
+from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, allocate_uniform
+from mpokit.methods.aware.config import AwareConfig
+from mpokit.methods.aware.refine import mpo_candidate
+from mpokit.methods.base import LayerRecord, Report, register
+from mpokit.ops.whiten import scaled_svd, whitened_svd, whitening_factor
+from mpokit.surgery.replace import get_module, set_module
+from mpokit.surgery.targets import find_targets, weight_matrix
+
+__all__ = ["aware_compress", "weighted_factors"]
+
+
+def _input_scale(config: AwareConfig, stats: InputStats | None, name: str):
+    """(kind, tensor): the whitening factor S, a per-channel scale, or nothing."""
+    if config.scaling == "none" or stats is None:
+        return "none", None
+    if config.scaling == "diag":
+        return "diag", stats.mean_abs_proxy(name).clamp_min(1e-6) ** config.alpha
+    return "whiten", whitening_factor(stats.gram(name), config.damp)
+
+
+def weighted_factors(weight: torch.Tensor, kind: str, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W = U diag(sigma) Vt, with sigma the singular values of the weighted W."""
+    if kind == "whiten":
+        return whitened_svd(weight, scale)
+    if kind == "diag":
+        return scaled_svd(weight, scale)
+    return torch.linalg.svd(weight.double(), full_matrices=False)
+
+
+def _weighted_sigma(weight, kind, scale) -> torch.Tensor:
+    w = weight.double()
+    if kind == "whiten":
+        w = w @ scale
+    elif kind == "diag":
+        w = w * scale.double()
+    return torch.linalg.svdvals(w)
+
+
+def _lowrank_layer(module: nn.Module, u, s, vt, rank: int, forward_mode: str) -> MPOLinear:
+    w = weight_matrix(module)
+    o, i = w.shape
+    root = s[:rank].sqrt()
+    a = (u[:, :rank] * root).reshape(1, o, 1, rank)  # (1, O, 1, r)
+    b = (root[:, None] * vt[:rank]).reshape(rank, 1, i, 1)  # (r, 1, I, 1)
+    bias = getattr(module, "bias", None)
+    layer = MPOLinear(i, o, [o, 1], [1, i], [rank], bias=bias is not None, forward_mode=forward_mode,
+                      device=w.device, dtype=w.dtype)
+    layer.set_cores([a, b])
+    if bias is not None:
+        layer.bias.data.copy_(bias.detach())
+    layer.orig_type = type(module).__name__
+    return layer
+
+
+def _calibration(config: AwareConfig, tokenizer, text: str | None, batches):
+    if batches is not None:
+        return batches
+    if tokenizer is None:
+        raise ValueError("expected a tokenizer (or calibration batches) for activation-aware compression, got none")
+    if text is None:
+        from mpokit.eval.perplexity import load_corpus
+
+        text = load_corpus().text
+    return calibration_batches(tokenizer, text, config.calibration_tokens, config.calibration_context)
+
+
+def _stream(model, names, batches, on_block, progress, desc, reference: bool = False) -> None:
+    """Block-by-block statistics; layers outside the blocks get whole-model statistics."""
+    outside = stream_blocks(model, names, batches, on_block, progress=progress, desc=desc, reference=reference)
+    if outside:
+        on_block(-1, outside, collect_input_stats(model, outside, batches, progress=progress))
+
+
+@register(AwareConfig)
+def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibration_text: str | None = None,
+                   batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
+    names = find_targets(model, config.target_modules, config.exclude_modules)
+    embeddings = [n for n in names if isinstance(get_module(model, n), nn.Embedding)]
+    if embeddings:
+        raise ValueError(f"expected linear layers for activation-aware compression, got embeddings {embeddings}; "
+                         "use MPOConfig (data-free) for embeddings")
+    needs_data = config.scaling != "none"
+    batches = _calibration(config, tokenizer, calibration_text, batches) if needs_data else None
+    spectra: dict[str, LayerSpectrum] = {}
+
+    def record_spectra(_, local, stats):
+        for n in local:
+            w = weight_matrix(get_module(model, n)).detach()
+            spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], _weighted_sigma(w, *_input_scale(config, stats, n)))
+        return False
+
+    if needs_data:
+        _stream(model, names, batches, record_spectra, progress, "spectra")
+    else:
+        record_spectra(None, names, None)
+    if config.allocation == "global":
+        ranks = allocate_global(spectra, config.budget, normalize=config.error_norm == "relative")
+    else:
+        ranks = allocate_uniform(spectra, config.budget)
+    report = Report(method=config.method)
+
+    def compress_block(_, local, stats):
+        changed = False
+        for n in local:
+            module = get_module(model, n)
+            w = weight_matrix(module).detach()
+            dense = w.numel()
+            if ranks[n] is None:
+                report.layers.append(LayerRecord(n, "dense", tuple(w.shape), dense, dense, 0.0))
+                continue
+            kind, scale = _input_scale(config, stats, n)
+            cross = stats.cross_gram(n) if stats is not None and kind == "whiten" else None
+            if cross is not None:  # fit M X ~ W X_ref: ridge least-squares target W (C + lI)(G + lI)^-1
+                gram = stats.gram(n)
+                lam = config.correct_ridge * torch.diagonal(gram).mean()
+                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+                ridge = torch.linalg.cholesky(gram + lam * eye)
+                w = torch.cholesky_solve((cross + lam * eye).T @ w.double().T, ridge).T.to(w.dtype)
+            u, s, vt = weighted_factors(w, kind, scale)
+            r = ranks[n]
+            err = float((s[r:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt().clamp_min(1e-30))
+            new, layout = _lowrank_layer(module, u, s, vt, r, config.forward_mode), "lowrank"
+            if "mpo" in config.layouts and kind == "whiten" and w.shape[1] >= config.mpo_min_in_ratio * w.shape[0]:
+                cand = mpo_candidate(w, scale, new.core_params(), err, config.refine_steps, config.forward_mode)
+                if cand is not None:
+                    (new, err), layout = cand, "mpo"
+                    new.orig_type = type(module).__name__
+                    if getattr(module, "bias", None) is not None:
+                        new.bias = nn.Parameter(module.bias.detach().clone())
+            set_module(model, n, new)
+            report.layers.append(LayerRecord(n, layout, tuple(w.shape), dense, new.core_params(), err,
+                                             {"bonds": new.bonds, "out_dims": new.out_dims, "in_dims": new.in_dims}))
+            changed = True
+        return changed
+
+    if needs_data:
+        _stream(model, names, batches, compress_block, progress, "compress",
+                reference=config.correct and config.scaling == "whiten")
+    else:
+        compress_block(None, names, None)
+    report.extra.update(calibration_tokens=sum(b.numel() for b in batches) if batches else 0,
+                        dense_layers=sum(r is None for r in ranks.values()))
+    return report

@@ -1,0 +1,54 @@
+"""Activation-aware low-rank factorization: whitened SVD (SVD-LLM) and diagonal scaling (ASVD).
+
+With G = X^T X the output error of a replacement M is ||(W - M) S||_F^2 where S S^T = G
+(Cholesky). Truncating the SVD of W S and mapping back with S^{-1} is optimal among
+rank-r matrices for that error; the discarded singular values give the error exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["whitening_factor", "whitened_svd", "scaled_svd", "output_error"]
+
+
+def whitening_factor(gram: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
+    """Lower-triangular S with S S^T = G + damp*mean(diag G)*I (damping keeps S invertible)."""
+    g = gram.double()
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    jitter = damp * torch.diagonal(g).mean().clamp_min(1e-12)
+    for _ in range(6):  # raise the damping until the factorization succeeds
+        s, info = torch.linalg.cholesky_ex(g + jitter * eye)
+        if int(info) == 0:
+            return s
+        jitter *= 10
+    raise ValueError("expected a positive semi-definite Gram matrix, got one whose Cholesky factorization failed")
+
+
+def whitened_svd(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of W S: returns (U, sigma, Vt_unwhitened) with W = U diag(sigma) Vt_unwhitened.
+
+    Any leading r terms give the rank-r M minimizing ||(W - M) S||_F; the error is
+    ||sigma[r:]||.
+    """
+    w = weight.double()
+    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    # Vt_unwhitened = Vh S^{-1}  <=>  S^T Vt_unwhitened^T = Vh^T
+    vt = torch.linalg.solve_triangular(factor.T, vh.T, upper=True).T
+    return u, s, vt
+
+
+def scaled_svd(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ASVD-style: SVD of W diag(scale), mapped back (scale > 0 per input channel)."""
+    scale = scale.double().clamp_min(1e-8)
+    u, s, vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
+    return u, s, vh / scale
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative output error sqrt(tr(D G D^T) / tr(W G W^T)), D = W - approx."""
+    d = (weight - approx).double()
+    w = weight.double()
+    g = gram.double()
+    num = torch.einsum("oi,ij,oj->", d, g, d)
+    den = torch.einsum("oi,ij,oj->", w, g, w)
+    return float((num.clamp_min(0) / den).sqrt())

@@ -1,0 +1,79 @@
+"""Thin wrapper over Hugging Face `Trainer`: CPU/GPU/multi-process, checkpoints and resume all come from it.
+
+The optimizer is built inside `Trainer.train()`, i.e. after any layer swap done before calling
+`fit` (the OPF research code built it before swapping, so the new tensors never trained).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["FitResult", "fit", "LossTrainer"]
+
+
+@dataclass
+class FitResult:
+    global_step: int
+    train_loss: float
+    losses: list[float]  # logged per-step training losses
+    trainable_params: int
+
+
+def _trainer_cls():
+    from transformers import Trainer
+
+    class LossTrainer(Trainer):
+        """Trainer whose loss may be replaced by `loss_fn(model, inputs) -> scalar` (distillation)."""
+
+        def __init__(self, *a, loss_fn: Callable | None = None, **kw):
+            super().__init__(*a, **kw)
+            self.loss_fn = loss_fn
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.loss_fn is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = self.loss_fn(model, inputs)
+            return (loss, outputs) if return_outputs else loss
+
+    return LossTrainer
+
+
+def __getattr__(name):  # lazy: importing transformers' Trainer costs seconds
+    if name == "LossTrainer":
+        return _trainer_cls()
+    raise AttributeError(name)
+
+
+def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: int = 8, lr: float = 5e-5,
+        weight_decay: float = 0.0, warmup_steps: int = 0, save_steps: int | None = None, seed: int = 0,
+        resume: bool | str | None = None, collator=None, loss_fn: Callable | None = None,
+        logging_steps: int = 1, progress: bool = False, callbacks: list | None = None,
+        lr_scheduler: str = "linear") -> FitResult:
+    """Train `model` (its requires_grad flags decide what trains) for max_steps optimizer steps.
+
+    save_steps: write a Trainer checkpoint every N steps to out_dir/checkpoint-N.
+    resume: True (latest checkpoint in out_dir) or a checkpoint path: Trainer restores weights,
+        optimizer, scheduler, RNG states and the data position.
+    callbacks: transformers TrainerCallbacks (e.g. one that stops early, to simulate an interruption).
+    """
+    from transformers import TrainingArguments
+
+    from mpokit.train.params import count_trainable
+
+    if max_steps < 1:
+        raise ValueError(f"expected max_steps >= 1, got {max_steps}")
+    args = TrainingArguments(
+        output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=seed, data_seed=seed,
+        logging_steps=logging_steps, report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False, dataloader_num_workers=0,
+    )
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
+                                 callbacks=callbacks)
+    out = trainer.train(resume_from_checkpoint=resume)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return FitResult(trainer.state.global_step, float(out.training_loss), losses, count_trainable(model))

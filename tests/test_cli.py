@@ -1,0 +1,118 @@
+"""cli/: compress -> inspect -> eval on a tiny Hugging Face folder, and error exits."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from mpokit.cli.main import main
+
+WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which this "
+         "be or has had first one their its new after who they have two been but not all she during time "
+         "may year into more some when there city can would than other he".split())
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over WORDS (ids < 128, the tiny llama's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: k + 2 for k, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An HF model folder, a text file, and one compressed checkpoint made by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model, tok = tiny_llama(), tiny_tokenizer()
+    model.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    g = torch.Generator().manual_seed(1)
+    words = [WORDS[int(k)] for k in torch.randint(0, len(WORDS), (600,), generator=g)]
+    (root / "text.txt").write_text(" ".join(words))
+    code = main(["compress", "--model", str(root / "hf"), "--method", "mpo-datafree", "--budget", "0.5",
+                 "--out", str(root / "ckpt"),
+                 "--json", str(root / "compress.json"), "--layers"])
+    assert code == 0
+    return root
+
+
+def test_compress_report(workdir):
+    report = json.loads((workdir / "compress.json").read_text())
+    assert report["config"]["method"] == "mpo"  # the data-free MPOConfig
+    assert report["config"]["budget"] == 0.5
+    assert len(report["layers"]) == 14
+    assert 0.49 <= report["kept_fraction"] <= 0.5
+    assert report["params_after"] < report["params_before"]
+
+
+def test_inspect_has_one_entry_per_compressed_layer(workdir, capsys):
+    assert main(["inspect", str(workdir / "ckpt"), "--json", str(workdir / "inspect.json")]) == 0
+    out = json.loads((workdir / "inspect.json").read_text())
+    layers = out["layers"]
+    assert len(layers) == 14
+    assert {e["layer"] for e in layers} == {r["name"] for r in json.loads((workdir / "compress.json").read_text())["layers"]}
+    for e in layers:
+        assert e["type"] == "MPOLinear" and len(e["bonds"]) == 2 and len(e["out_dims"]) == 3
+        assert 0 < e["kept"] <= 1.1 and e["rel_error"] is not None and 0 <= e["rel_error"] < 1
+    assert out["methods"][0]["method"] == "mpo"
+    assert "14 compressed layers" in capsys.readouterr().out
+
+
+def test_eval_json_keys(workdir):
+    ev = workdir / "eval.json"
+    assert main(["eval", str(workdir / "ckpt"), "--text", str(workdir / "text.txt"), "--tokens", "256",
+                 "--context", "64", "--json", str(ev)]) == 0
+    res = json.loads(ev.read_text())
+    assert {"perplexity", "tokens", "context", "params"} <= set(res)
+    assert isinstance(res["perplexity"], float) and math.isfinite(res["perplexity"]) and res["perplexity"] > 1
+    assert res["tokens"] == 256 and res["context"] == 64
+    assert isinstance(res["params"], int) and res["corpus"].endswith("text.txt")
+    # the compressed model has fewer parameters than the dense one it came from
+    dense = workdir / "eval_dense.json"
+    assert main(["eval", str(workdir / "hf"), "--text", str(workdir / "text.txt"), "--tokens", "256",
+                 "--context", "64", "--json", str(dense)]) == 0
+    assert json.loads(dense.read_text())["params"] > res["params"]
+
+
+def test_compress_max_bond_num_cores_and_targets(workdir):
+    out = workdir / "mb"
+    assert main(["compress", "--model", str(workdir / "hf"), "--method", "mpo-datafree", "--max-bond", "4",
+                 "--num-cores", "2", "--targets", "up_proj,down_proj", "--out", str(out),
+                 "--json", str(workdir / "mb.json")]) == 0
+    report = json.loads((workdir / "mb.json").read_text())
+    assert len(report["layers"]) == 4
+    assert all(r["detail"]["bonds"] == [4] and len(r["detail"]["out_dims"]) == 2 for r in report["layers"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "{ckpt}", "--text", "{root}/no_such.txt"], "missing text file"),
+    (["eval", "{root}/no_such_model", "--text", "{root}/text.txt"], "missing model path"),
+    (["inspect", "{root}/no_such_ckpt"], "missing checkpoint folder"),
+    (["compress", "--model", "{root}/no_such_model", "--out", "{root}/x"], "missing model path"),
+    (["compress", "--model", "{root}/hf", "--method", "mpo-datafree", "--budget", "1.5", "--out", "{root}/x"],
+     r"budget in (0, 1]"),
+    (["compress", "--model", "{root}/hf", "--method", "mpo-datafree", "--targets", "q_prj", "--out", "{root}/x"],
+     "unknown module name 'q_prj'"),
+])
+def test_error_exits(workdir, capsys, argv, message):
+    argv = [a.format(root=workdir, ckpt=workdir / "ckpt") for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "mpokit: error:" in err and message in err
+    assert not (workdir / "x").exists()  # nothing half-written
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and "mpokit" in capsys.readouterr().out

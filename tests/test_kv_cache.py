@@ -1,0 +1,150 @@
+"""layers/kv_cache + ops/decoquant: exact split, per-token codes, residual window, generate, perplexity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from mpokit.eval.perplexity import perplexity
+from mpokit.layers.kv_cache import (DecoQuantCache, KVCacheFactory, KVQuantLayer, RTNKVCache, kv_cache_bytes,
+                                    make_kv_cache)
+from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
+from mpokit.ops.quant import sqnr_db
+
+
+def outlier_rows(n=96, d=64, seed=0):
+    """Key-like rows: a few channels carry most of the magnitude, as in real attention keys."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, [3, 17, 40]] *= 12.0
+    return x
+
+
+def test_decomposition_is_exact_before_quantization():
+    x = outlier_rows()
+    for small_dim in (8, 16, 64):
+        small = fit_small_core(x, small_dim)
+        assert small.shape == (small_dim, small_dim)
+        large = to_large_core(x, torch.linalg.inv(small))
+        assert large.shape == x.shape
+        assert torch.allclose(from_large_core(large, small), x, atol=1e-4)
+    with pytest.raises(ValueError, match="expected small_dim"):
+        fit_small_core(x, 48)
+
+
+def test_small_core_narrows_the_large_core_range():
+    x = outlier_rows()
+    small = fit_small_core(x, 16)
+    large = to_large_core(x, torch.linalg.inv(small))
+    spread = lambda t: (t.amax(-1) - t.amin(-1)) / t.std(-1)  # per-token range in units of its spread
+    assert spread(large).mean() < spread(x).mean()
+
+
+def test_rank_deficient_fit_stays_finite():
+    x = torch.randn(1, 64)  # one token: the 16x16 Gram matrix has rank 4
+    small = fit_small_core(x, 16)
+    assert torch.isfinite(torch.linalg.inv(small)).all()
+
+
+def _layer_roundtrip(layer: KVQuantLayer, k: torch.Tensor) -> torch.Tensor:
+    layer.update(k, k.clone())
+    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])  # one more token: read the cache back
+    return keys[:, :, :-1]
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_decoquant_beats_rtn_on_outlier_keys(bits):
+    k = outlier_rows(n=128).reshape(1, 1, 128, 64)
+    rtn = _layer_roundtrip(KVQuantLayer(bits, residual_length=0, small_dim=None), k)
+    deco = _layer_roundtrip(KVQuantLayer(bits, residual_length=0, small_dim=16), k)
+    assert not torch.equal(rtn, k)  # both did quantize
+    assert sqnr_db(k, deco) > sqnr_db(k, rtn)
+
+
+def test_residual_window_is_exact_and_quantized_once():
+    layer = KVQuantLayer(2, residual_length=5, small_dim=16)
+    k = torch.randn(2, 3, 12, 64)
+    keys, _ = layer.update(k, k)
+    assert torch.equal(keys, k)  # the current tokens see themselves exactly
+    assert layer.get_seq_length() == 12 and layer.keys.shape[-2] == 5 and layer._quantized_keys.length == 7
+    first_codes = layer._quantized_keys.packed.clone()
+    keys2, _ = layer.update(k[:, :, :3], k[:, :, :3])
+    assert keys2.shape[-2] == 15 and layer._quantized_keys.length == 10
+    assert torch.equal(layer._quantized_keys.packed[:, :, :7], first_codes)  # old tokens not re-quantized
+    assert torch.allclose(keys2[:, :, 10:12], k[:, :, 10:12].half().float())  # 16-bit window
+    assert not torch.allclose(keys2[:, :, :7], k[:, :, :7], atol=1e-2)
+
+
+def test_bytes_accounting():
+    layer = KVQuantLayer(4, residual_length=0, small_dim=16)
+    k = torch.randn(1, 2, 400, 64)
+    layer.update(k, k)
+    per_token = 64 * 4 // 8 + 2 + 2  # codes + fp16 scale + fp16 offset
+    small = 2 * 2 * 16 * 16 * 2  # keys and values, 2 heads, 16x16 float16
+    assert layer.storage_bytes() == 2 * 2 * 400 * per_token + small
+    assert layer.fp16_bytes() == 2 * 2 * 400 * 64 * 2
+    assert layer.storage_bytes() / layer.fp16_bytes() < 0.30
+
+
+def test_crop_and_beam_reorder():
+    layer = KVQuantLayer(8, residual_length=4, small_dim=16)
+    k = torch.randn(2, 1, 10, 64)
+    layer.update(k, k)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
+    assert torch.allclose(keys[0, :, :10], k[1], atol=0.05)
+    layer.crop(-6)
+    assert layer.get_seq_length() == 5 and layer.keys.shape[-2] == 0 and layer._quantized_keys.length == 5
+
+
+@pytest.mark.parametrize("kind", ["decoquant", "rtn"])
+def test_generate_with_cache(kind):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 12))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    extra = {"small_dim": 4} if kind == "decoquant" else {}  # tiny heads (16 dims): a 4x4 small core
+    cache = make_kv_cache(kind, model.config, bits=8, residual_length=4, **extra)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert torch.equal(out, ref)  # 8-bit is close enough for greedy decoding of a tiny model
+    held, fp16 = kv_cache_bytes(cache)
+    assert cache.get_seq_length() == 23 and 0 < held < fp16
+
+
+class CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def test_chunked_perplexity_puts_the_cache_in_the_loop():
+    model, tok = tiny_llama(), CharTokenizer()
+    text = "the quick brown fox jumps over the lazy dog. " * 30
+    base = perplexity(model, tok, text, tokens=256, context=64, progress=False)
+    chunked = perplexity(model, tok, text, tokens=256, context=64, progress=False, chunk=16)
+    assert chunked.perplexity == pytest.approx(base.perplexity, rel=1e-5)
+    # one forward per window: the quantized cache is written but never read
+    one_shot = perplexity(model, tok, text, tokens=256, context=64, progress=False,
+                          cache_factory=lambda: RTNKVCache(model.config, bits=2, residual_length=0))
+    assert one_shot.perplexity == pytest.approx(base.perplexity, rel=1e-5)
+    factory = KVCacheFactory("rtn", model.config, bits=2, residual_length=0)
+    looped = perplexity(model, tok, text, tokens=256, context=64, progress=False, chunk=16, cache_factory=factory)
+    assert looped.perplexity != pytest.approx(base.perplexity, rel=1e-4)
+    assert 0 < factory.bytes_ratio() < 0.5
+
+
+def test_quanto_backend_bytes():
+    pytest.importorskip("optimum.quanto")
+    model = tiny_llama()
+    cache = make_kv_cache("quanto", model.config, bits=4, residual_length=4)
+    model(torch.randint(0, 128, (1, 40)), past_key_values=cache, use_cache=True)
+    held, fp16 = kv_cache_bytes(cache)
+    assert 0 < held < fp16
+
+
+def test_bad_settings():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="expected bits"):
+        DecoQuantCache(model.config, bits=5)
+    with pytest.raises(ValueError, match="expected a kv cache kind"):
+        make_kv_cache("fp8x", model.config)
+    with pytest.raises(ValueError, match="expected a model config"):
+        DecoQuantCache()

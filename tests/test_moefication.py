@@ -1,0 +1,124 @@
+"""MoEfication on tiny llama (SwiGLU), gpt2 and bert: routers, exactness at k = E, unload, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from mpokit import compress_, load_compressed, save_compressed, unload_
+from mpokit.layers.ffn import Passthrough
+from mpokit.layers.moe import MoEFFN
+from mpokit.methods.moefication import MoEficationConfig, moe_layers, set_top_k_
+from mpokit.methods.moefication.clustering import balanced_kmeans, cluster_inertia, neuron_features
+from mpokit.surgery.ffn import find_ffns
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids oversubscription stalls on a shared CPU (100x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _batches(vocab: int, n: int = 6, length: int = 32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(n)]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _config(**kw):
+    base = dict(num_experts=8, top_k=2, router_steps=60, router_batch=64, cluster_backend="lsa")
+    return MoEficationConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_moefy_all_experts_is_exact_and_unloads(arch):
+    model = MODELS[arch]()
+    ids = _batches(model.config.vocab_size, 1)[0]
+    before = _logits(model, ids)
+    report = compress_(model, _config(top_k=8), progress=False, batches=_batches(model.config.vocab_size))
+    layers = moe_layers(model)
+    assert len(layers) == len(report.layers) == 2
+    assert all(m.site_kind == {"llama": "gated"}.get(arch, arch) for m in layers)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-5, atol=1e-5)
+    set_top_k_(model, 2)  # negative control: a quarter of the experts changes the output
+    assert not torch.allclose(_logits(model, ids), before, atol=1e-4)
+    unload_(model)
+    assert not moe_layers(model) and not any(isinstance(m, Passthrough) for m in model.modules())
+    assert find_ffns(model)  # dense FFN sites are back, with the original weights
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-6, atol=1e-6)
+
+
+def test_router_beats_chance_and_report():
+    model = tiny_llama()
+    report = compress_(model, _config(router_steps=150), progress=False, batches=_batches(128, 12, 64))
+    d = report.to_dict()
+    assert d["method"] == "moefication" and d["top_k"] == 2 and d["active_fraction"] == 0.25
+    # random top-2 of 8 recalls 25% of the oracle's experts on average; a trained router must do better
+    assert report.extra["mean_router_recall"] > 0.4
+    assert 0 < report.extra["ffn_active_ratio"] < 0.5
+    untrained = compress_(tiny_llama(), _config(router_steps=0), progress=False, batches=_batches(128, 12, 64))
+    assert untrained.extra["mean_router_recall"] < report.extra["mean_router_recall"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_save_load_round_trip(arch, tmp_path):
+    model = MODELS[arch]()
+    compress_(model, _config(cluster_features="activations"), progress=False,
+              batches=_batches(model.config.vocab_size))
+    ids = _batches(model.config.vocab_size, 1)[0]
+    save_compressed(model, tmp_path / "ckpt")
+    loaded = load_compressed(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    assert [m.spec() for m in moe_layers(loaded)] == [m.spec() for m in moe_layers(model)]
+
+
+def test_targets_and_errors():
+    model = tiny_llama()
+    compress_(model, _config(target_modules=["layers.1.mlp"]), progress=False, batches=_batches(128))
+    assert isinstance(model.model.layers[1].mlp, MoEFFN) and not isinstance(model.model.layers[0].mlp, MoEFFN)
+    with pytest.raises(ValueError, match="divide the FFN size"):
+        compress_(tiny_llama(), _config(num_experts=7, top_k=1), progress=False, batches=_batches(128))
+    with pytest.raises(ValueError, match="tokenizer"):
+        compress_(tiny_llama(), _config(), progress=False)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEficationConfig(num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match="cluster_features"):
+        MoEficationConfig(cluster_features="rows")
+    assert MoEficationConfig(num_experts=32).top_k == 8
+
+
+@pytest.mark.parametrize("backend", ["lsa", "kmeans-constrained"])
+def test_balanced_kmeans_recovers_clusters(backend):
+    if backend == "kmeans-constrained":
+        pytest.importorskip("k_means_constrained")
+    centers = torch.randn(4, 16) * 10
+    truth = torch.arange(40) % 4
+    x = centers[truth] + 0.1 * torch.randn(40, 16)
+    labels = balanced_kmeans(x, 4, backend=backend)
+    assert torch.bincount(labels).tolist() == [10] * 4
+    for c in range(4):  # each found cluster is exactly one true cluster
+        assert truth[labels == c].unique().numel() == 1
+    shuffled = torch.randperm(40) % 4
+    assert cluster_inertia(x, labels) < 0.01 * cluster_inertia(x, shuffled)
+    with pytest.raises(ValueError, match="divisible"):
+        balanced_kmeans(x, 3, backend=backend)
+
+
+def test_neuron_features_are_unit_rows():
+    up, gate = torch.randn(12, 5), torch.randn(12, 5)
+    f = neuron_features(up, gate, None, "weights")
+    torch.testing.assert_close(f, torch.nn.functional.normalize(gate, dim=1))
+    f = neuron_features(up, None, torch.randn(30, 12), "activations")
+    assert f.shape == (12, 30) and torch.allclose(f.norm(dim=1), torch.ones(12))
+    with pytest.raises(ValueError, match="calibration activations"):
+        neuron_features(up, None, None, "activations")

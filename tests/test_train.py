@@ -1,0 +1,142 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from mpokit.train import SST2, TextWindows, count_trainable, fit, read_sst2, shared_data_dir, train_only_
+
+
+class Tok:
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([b % 128 for b in text.encode()])
+
+        class R:
+            input_ids = ids[None]
+        return R()
+
+
+TEXT = "a stitch in time saves nine; many hands make light work. " * 30
+
+
+def _stop_at(step):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= step:
+                control.should_training_stop = True  # the "kill": ends the run right after the checkpoint
+            return control
+
+    return Stop()
+
+
+def test_text_windows():
+    ds = TextWindows(Tok(), TEXT, seq_len=32, max_windows=5)
+    assert len(ds) == 5 and ds[0]["input_ids"].shape == (32,)
+    assert torch.equal(ds[1]["input_ids"], ds[1]["labels"])
+    with pytest.raises(ValueError, match="at least"):
+        TextWindows(Tok(), "short", seq_len=32)
+
+
+def test_sst2_reader():
+    rows = read_sst2(shared_data_dir() / "sst2" / "dev.tsv", limit=7)
+    assert len(rows) == 7 and {y for y, _ in rows} <= {0, 1} and all(isinstance(s, str) and s for _, s in rows)
+    with pytest.raises(FileNotFoundError):
+        read_sst2(shared_data_dir() / "sst2" / "nope.tsv")
+
+
+def test_train_only_counts_and_freezes():
+    model = tiny_llama()
+    head = model.model.layers[0].mlp.up_proj.weight
+    assert train_only_(model, [head]) == head.numel() == count_trainable(model)
+    with pytest.raises(ValueError):
+        train_only_(model, [])
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    data = TextWindows(Tok(), TEXT, seq_len=16)
+    kw = dict(max_steps=6, batch_size=2, lr=5e-3, seed=3)
+
+    torch.manual_seed(0)
+    ref = tiny_llama()
+    full = fit(ref, data, str(tmp_path / "ref"), **kw)
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    first = fit(model, data, str(tmp_path / "run"), save_steps=3, callbacks=[_stop_at(3)], **kw)
+    assert first.global_step == 3
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "trainer_state.json").is_file()
+    torch.manual_seed(123)  # a fresh process: different RNG, fresh weights
+    model2 = tiny_llama()
+    second = fit(model2, data, str(tmp_path / "run"), resume=True, **kw)
+    assert second.global_step == 6
+    assert first.losses[:3] == pytest.approx(full.losses[:3], rel=1e-5)
+    assert second.losses[-3:] == pytest.approx(full.losses[-3:], rel=1e-4)
+    for (n, p), q in zip(ref.named_parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+def test_resume_without_checkpoint_would_differ(tmp_path):
+    # negative control: a run restarted from scratch for 3 steps does not reproduce the 6-step weights
+    data = TextWindows(Tok(), TEXT, seq_len=16)
+    torch.manual_seed(0)
+    a = tiny_llama()
+    fit(a, data, str(tmp_path / "a"), max_steps=6, batch_size=2, lr=5e-3, seed=3)
+    torch.manual_seed(0)
+    b = tiny_llama()
+    fit(b, data, str(tmp_path / "b"), max_steps=3, batch_size=2, lr=5e-3, seed=3)
+    assert not torch.allclose(a.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)
+
+
+DDP_SCRIPT = r'''
+import json, os, sys, torch
+sys.path.insert(0, sys.argv[2])
+torch.manual_seed(0)
+from conftest import tiny_llama
+from mpokit.train import TextWindows, fit
+from mpokit.methods.mpop import decompose_, mpop_
+
+class Tok:
+    def __call__(self, text, return_tensors=None):
+        class R: input_ids = torch.tensor([b % 128 for b in text.encode()])[None]
+        return R()
+
+model = tiny_llama()
+decompose_(model, target_modules=["up_proj"])
+mpop_(model)
+res = fit(model, TextWindows(Tok(), "hello distributed world. " * 40, seq_len=16), sys.argv[1], max_steps=2,
+          batch_size=2, lr=1e-3)
+import torch.distributed as dist
+out = {"world": dist.get_world_size() if dist.is_initialized() else 1, "backend": dist.get_backend() if dist.is_initialized() else None,
+       "step": res.global_step, "sum": float(sum(p.detach().sum() for p in model.parameters()))}
+with open(os.path.join(sys.argv[1], f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(out, f)
+'''
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate launch is unavailable")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # `--cpu` selects accelerate's single-process launcher; `--multi_gpu` goes through torchrun, and with no
+    # CUDA device torch.distributed falls back to gloo on CPU (checked below).
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29533", str(script), str(tmp_path), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["backend"] == "gloo" and r["step"] == 2 for r in ranks)
+    assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-6)  # DDP kept replicas in sync
