@@ -28,6 +28,7 @@ METHODS = ["svd", "asvd", "whitened-svd", "mpo-datafree", "tltorch-blocktt", "mp
 def tltorch_compress(model, budget: float) -> dict:
     """tensorly-torch BlockTT (3 cores) on every decoder linear layer, ranks matched to the budget."""
     import tltorch
+    from tltorch.utils import get_tensorized_shape
 
     from mpokit.surgery import find_targets, get_module, set_module
 
@@ -35,9 +36,7 @@ def tltorch_compress(model, budget: float) -> dict:
     for name in find_targets(model):
         lin = get_module(model, name)
         o, i = lin.weight.shape
-        probe = tltorch.FactorizedLinear(i, o, bias=False, factorization="blocktt", rank=(1, 2, 2, 1),
-                                         n_layers=1)
-        (od, idd) = probe.weight.tensorized_shape
+        idd, od = get_tensorized_shape(i, o, order=3, verbose=False)  # same split from_linear makes
         full = [min(od[0] * idd[0], od[1] * idd[1] * od[2] * idd[2]), min(od[0] * idd[0] * od[1] * idd[1], od[2] * idd[2])]
 
         def params(s):

@@ -106,9 +106,12 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot(frac, [r["ppl_ratio"] for r in rows], "o-", label="perplexity / dense")
     ax.plot(frac, [r["ffn_time_ratio"] for r in rows], "s-", label="FFN time / dense")
     ax.axhline(1.0, color="gray", lw=0.5)
+    ax.axhline(1.3, color="C0", lw=0.5, ls="--", label="target perplexity ratio 1.3")
+    ax.axhline(0.5, color="C1", lw=0.5, ls="--", label="target FFN time ratio 0.5")
+    ax.set_yscale("log")
     ax.set_xlabel("fraction of experts computed (k / E)")
     ax.set_title("MoEfication of SmolLM2-135M (same-run ratios)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -122,7 +125,8 @@ def main() -> int:
     p.add_argument("--features", default="activations", choices=["weights", "activations"])
     p.add_argument("--router-hidden", type=int, default=64)
     p.add_argument("--calibration-tokens", type=int, default=8192)
-    p.add_argument("--oracle", action="store_true", help="also evaluate oracle routing (true expert norms)")
+    p.add_argument("--oracle-ks", default="8", help="top-k values also evaluated with oracle routing (true expert "
+                   "output norms; costs a full FFN per layer), comma-separated, '' for none")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     p.add_argument("--kernels", action="store_true", help="only time the expert kernels")
@@ -167,7 +171,7 @@ def main() -> int:
 
     rows = []
     variants = [(k, "router", "loop") for k in ks] + [(ks[len(ks) // 2], "router", "dense")]
-    variants += [(k, "oracle", "loop") for k in ks] if args.oracle else []
+    variants += [(int(k), "oracle", "loop") for k in args.oracle_ks.split(",") if k]
     for k, routing, kernel in variants:
         set_top_k_(model, k)
         for m in moes:

@@ -4,8 +4,9 @@ Parts (each writes results/bench_quant_<part>.json and prints a table; baselines
 same invocation, so every ratio compares numbers measured side by side):
   weights    SmolLM2 decoder linears at 8/4/3/2 bits, group 128 and 64 (NOT 32: the model comes
              from a Q4_1 GGUF, groups of 32, where 4-bit re-quantization is lossless by
-             construction); mpokit (clip search), mpokit-rtn (plain min/max), optimum-quanto,
-             torchao (when importable); WikiText-2 test perplexity and weight bytes.
+             construction); mpokit (RTN, integer zero points), its ablations mpokit-float (16-bit
+             float offset = group minimum, as quanto stores) and mpokit-clip (MSE clip search),
+             optimum-quanto, torchao (when importable); WikiText-2 test perplexity, weight bytes.
   kv         KV cache at 8/4/2 bits: DecoQuant, RTN (ablation), transformers QuantizedCache
              (quanto backend); each 512-token window is fed in chunks of 64 tokens through one
              cache, so chunks 2..8 attend to the quantized states of the earlier ones.
@@ -118,6 +119,15 @@ def quantize_torchao(model, names, bits: int, group: int) -> str:
     return f"asymmetric, groups {sorted(used)}"
 
 
+def mpokit_config(peer: str, bits: int, group: int, **kw):
+    """mpokit: RTN with integer zero points; the ablations swap in a float offset (the group minimum,
+    as quanto stores) or the MSE clip search."""
+    from mpokit.methods import QuantConfig
+
+    extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True}}.get(peer, {})
+    return QuantConfig(bits=bits, group_size=group, **extra, **kw)
+
+
 def part_weights(args) -> dict:
     from mpokit import compress_, load_model
     from mpokit.eval.size import param_bytes
@@ -135,7 +145,7 @@ def part_weights(args) -> dict:
                      "model_bytes": param_bytes(dense), "seconds": time.perf_counter() - t},
            "runs": []}
     print(f"dense perplexity {base:.3f}", flush=True)
-    peers = ["mpokit", "mpokit-rtn", "quanto"] + (["torchao"] if _has("torchao") else [])
+    peers = ["mpokit", "mpokit-float", "mpokit-clip", "quanto"] + (["torchao"] if _has("torchao") else [])
     peers = [p for p in peers if p in args.peers]
     for group in args.groups:
         for bits in args.bits:
@@ -146,10 +156,10 @@ def part_weights(args) -> dict:
                 t = time.perf_counter()
                 note = ""
                 if peer.startswith("mpokit"):
-                    rep = compress_(model, QuantConfig(bits=bits, group_size=group, clip_search=peer == "mpokit"),
-                                    progress=False)
+                    rep = compress_(model, mpokit_config(peer, bits, group), progress=False)
                     sqnr = sum(r.detail["sqnr_db"] for r in rep.layers) / len(rep.layers)
-                    note = f"mean layer SQNR {sqnr:.2f} dB"
+                    groups = sorted({r.detail["group_size"] for r in rep.layers})
+                    note = f"groups {groups}, mean layer SQNR {sqnr:.2f} dB"
                 elif peer == "quanto":
                     note = quantize_quanto(model, names, bits, group)
                 else:
@@ -259,14 +269,13 @@ def part_minilm(args) -> dict:
            "dense_weight_bytes": _module_weight_bytes(dense, names), "runs": []}
     for group in args.groups:
         for bits in args.bits:
-            for peer in [p for p in ("mpokit", "mpokit-rtn", "quanto") if p in args.peers]:
+            for peer in [p for p in ("mpokit", "mpokit-float", "quanto") if p in args.peers]:
                 if peer == "quanto" and bits == 3:
                     continue
                 model = copy.deepcopy(dense)
                 note, sqnr = "", None
                 if peer.startswith("mpokit"):
-                    rep = compress_(model, QuantConfig(bits=bits, group_size=group, target_modules=targets,
-                                                       clip_search=peer == "mpokit"), progress=False)
+                    rep = compress_(model, mpokit_config(peer, bits, group, target_modules=targets), progress=False)
                     sqnr = sum(r.detail["sqnr_db"] for r in rep.layers) / len(rep.layers)
                 else:
                     note = quantize_quanto(model, names, bits, group)
@@ -316,7 +325,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[128, 64])
-    p.add_argument("--peers", nargs="+", default=["mpokit", "mpokit-rtn", "quanto", "torchao"])
+    p.add_argument("--peers", nargs="+", default=["mpokit", "mpokit-float", "mpokit-clip", "quanto", "torchao"])
     p.add_argument("--peer-path", default=None, help="extra folder on sys.path (e.g. a side install of torchao)")
     p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("--kv-kinds", nargs="+", default=["decoquant", "rtn", "quanto"])

@@ -1,6 +1,7 @@
 """Cross-layer sharing of MPO central cores on the default model: parameters vs perplexity, groups 1/2/all.
 
-    python bench/bench_share.py                          # groups 1,2,0 at full bonds, 8192 test tokens
+    python bench/bench_share.py                          # groups 2,0 at full bonds + groups 1 at the same
+                                                         # parameter counts, 8192 test tokens
     python bench/bench_share.py --max-bond 48 --tokens 2048
     python bench/bench_share.py --recover-steps 50       # + a short recovery fine-tune per setting
 
@@ -55,7 +56,7 @@ def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts), marker, label=label)
             for (x, y), r in zip(pts, [r for r in rows if r.get(key)]):
-                ax.annotate(f"G={r['groups'] or 'all'}", (x, y), fontsize=8)
+                ax.annotate(f"G={r['groups'] or 'all'}" + (" (matched)" if r["budget"] else ""), (x, y), fontsize=8)
     ax.axhline(dense_ppl, color="gray", lw=0.5, label="dense")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -68,10 +69,12 @@ def plot(rows: list[dict], dense_ppl: float, path: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="1,2,0", help="comma-separated group sizes (0 = all layers)")
+    p.add_argument("--groups", default="2,0", help="comma-separated group sizes (0 = all layers)")
     p.add_argument("--max-bond", type=int, default=None, help="bond cap (default: full bonds)")
     p.add_argument("--budget", type=float, default=None, help="fraction of targeted parameters (instead of a bond)")
     p.add_argument("--sweeps", type=int, default=4)
+    p.add_argument("--matched", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run groups=1 (no sharing) at each shared setting's parameter count")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--recover-steps", type=int, default=0)
@@ -97,15 +100,20 @@ def main() -> int:
     params_dense = count_params(lm.model)
     print(f"dense: ppl {dense.perplexity:.3f}, {params_dense:,} parameters", flush=True)
     rows = []
-    for groups in [int(g) for g in args.groups.split(",")]:
+    settings = [(int(g), args.max_bond, args.budget) for g in args.groups.split(",")]
+    while settings:
+        groups, max_bond, budget = settings.pop(0)
         model = load_model(None).model if rows else lm.model
-        config = ShareConfig(groups=groups, max_bond=args.max_bond, budget=args.budget, sweeps=args.sweeps)
+        config = ShareConfig(groups=groups, max_bond=max_bond, budget=budget, sweeps=args.sweeps)
         start = time.perf_counter()
         report = compress_(model, config, progress=False)
         fit_s = time.perf_counter() - start
         res = perplexity(model, lm.tokenizer, test, **ppl_kw)
         errors = [r.rel_error for r in report.layers]
-        row = {"groups": groups, "params_targeted_before": report.params_before, "params_targeted_after":
+        if args.matched and groups != 1 and budget is None:  # plain per-layer MPO at the same parameter count
+            settings.append((1, None, report.kept_fraction))
+        row = {"groups": groups, "budget": budget, "bonds": report.layers[0].detail["bonds"],
+               "params_targeted_before": report.params_before, "params_targeted_after":
                report.params_after, "kept_fraction": report.kept_fraction, "params_model": count_params(model),
                "params_saved_by_sharing": report.extra["params_saved_by_sharing"],
                "mean_rel_error": sum(errors) / len(errors), "ppl": res.perplexity,
@@ -127,7 +135,7 @@ def main() -> int:
                           "data": "wikitext-2 valid"}, "rows": rows, "argv": sys.argv[1:]}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, dense.perplexity, out.with_suffix(".png"))
-    cols = ["groups", "params_targeted_after", "kept_fraction", "params_model", "mean_rel_error", "ppl", "ppl_ratio"]
+    cols = ["groups", "budget", "bonds", "params_targeted_after", "kept_fraction", "params_model", "mean_rel_error", "ppl", "ppl_ratio"]
     cols += ["ppl_recovered", "ppl_recovered_ratio"] if args.recover_steps else []
     print_table(rows, cols, title=f"share: WikiText-2 test {dense.tokens} tokens, context {args.context}; dense ppl "
                                   f"{dense.perplexity:.3f}, {params_dense:,} params")

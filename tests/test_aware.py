@@ -11,7 +11,7 @@ from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, alloca
 from mpokit.methods.aware.refine import mpo_candidate
 from mpokit.ops.whiten import output_error, scaled_svd, whitened_svd, whitening_factor
 from mpokit.surgery import find_targets
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def correlated_inputs(n=2000, d=48, seed=0):

@@ -116,3 +116,25 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and "mpokit" in capsys.readouterr().out
+
+
+def test_default_method_is_activation_aware(workdir, tmp_path):
+    """`--method mpo` (the default) calibrates on a text file and saves a loadable checkpoint."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 40}" for i in range(400)))
+    out = tmp_path / "aware"
+    assert main(["compress", "--model", str(workdir / "hf"), "--budget", "0.6", "--calibration", str(calib),
+                 "--calibration-tokens", "64", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["method"] == "mpo-aware" and report["calibration"] == str(calib)
+    assert report["kept_fraction"] <= 0.6
+    assert main(["eval", str(out), "--text", str(calib), "--tokens", "64", "--context", "32",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"] > 1
+
+
+def test_option_not_applying_to_method_is_an_error(workdir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(workdir / "hf"), "--method", "svd", "--max-bond", "4",
+              "--out", str(tmp_path / "x")])
+    assert "do not apply" in capsys.readouterr().err

@@ -10,17 +10,23 @@ from mpokit.ops.quant import (DEFAULT_CLIP_RATIOS, SUPPORTED_BITS, dequantize, f
                               sqnr_db, unpack_bits)
 
 
-def reference_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
-    """Dequantized weight, one group at a time in plain Python (the textbook RTN with 16-bit scales)."""
+def reference_quantize(w: torch.Tensor, bits: int, group: int, mode: str) -> torch.Tensor:
+    """Dequantized weight, one group at a time in plain Python (textbook RTN with 16-bit scales)."""
     out = torch.empty_like(w, dtype=torch.float32)
     qmax = 2 ** bits - 1
     for r in range(w.shape[0]):
         for start in range(0, w.shape[1], group):
             g = w[r, start:start + group].float()
-            if symmetric:
+            if mode == "symmetric":
                 scale = (g.abs().max() / max(2 ** (bits - 1) - 1, 1)).clamp_min(1e-8).half().float()
                 q = torch.clamp(torch.round(g / scale) + 2 ** (bits - 1), 0, qmax)
                 out[r, start:start + group] = (q - 2 ** (bits - 1)) * scale
+            elif mode == "zero_point":  # the range always holds 0; z is an integer code
+                lo, hi = min(g.min().item(), 0.0), max(g.max().item(), 0.0)
+                scale = torch.tensor((hi - lo) / qmax).clamp_min(1e-8).half().float()
+                z = torch.clamp(torch.round(-lo / scale), 0, qmax)
+                q = torch.clamp(torch.round(g / scale) + z, 0, qmax)
+                out[r, start:start + group] = (q - z) * scale
             else:
                 lo = g.min().half().float()
                 scale = ((g.max() - g.min()) / qmax).clamp_min(1e-8).half().float()
@@ -29,17 +35,30 @@ def reference_quantize(w: torch.Tensor, bits: int, group: int, symmetric: bool) 
     return out
 
 
+MODES = {"zero_point": {}, "float": {"zero_point": False}, "symmetric": {"symmetric": True}}
+
+
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("cols,group", [(64, 32), (72, 32), (40, 128)])  # divisible, ragged tail, one short group
-def test_rtn_equals_reference(bits, symmetric, cols, group):
+def test_rtn_equals_reference(bits, mode, cols, group):
     w = torch.randn(6, cols)
-    q = quantize(w, bits, group, symmetric)
+    q = quantize(w, bits, group, **MODES[mode])
     got = dequantize(q.codes, q.scale, q.offset, bits, group)
     assert q.codes.shape == (6, cols) and q.codes.dtype == torch.uint8
     assert int(q.codes.max()) <= 2 ** bits - 1
     assert q.scale.shape == (6, math.ceil(cols / group)) and q.scale.dtype == torch.float16
-    assert torch.allclose(got, reference_quantize(w, bits, group, symmetric), atol=1e-6)
+    assert (q.offset is None) == (mode == "symmetric")
+    if mode == "zero_point":
+        assert q.offset.dtype == torch.uint8
+    assert torch.allclose(got, reference_quantize(w, bits, group, mode), atol=1e-6)
+
+
+def test_zero_point_keeps_zero_exact():
+    w = torch.randn(8, 64)
+    w[:, ::4] = 0.0
+    assert (fake_quantize(w, 2, 64)[:, ::4] == 0).all()
+    assert not (fake_quantize(w, 2, 64, zero_point=False)[:, ::4] == 0).all()
 
 
 @pytest.mark.parametrize("bits,floor_db", [(8, 40.0), (4, 17.0), (3, 11.0), (2, 5.0)])

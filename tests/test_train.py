@@ -140,3 +140,87 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["backend"] == "gloo" and r["step"] == 2 for r in ranks)
     assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-6)  # DDP kept replicas in sync
+
+
+def _tiny_folder(tmp_path, kind):
+    """A tiny HF model folder that uses the embedded MiniLM tokenizer (no network)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from mpokit.io.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    if kind == "bert":
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True))
+    path = tmp_path / kind
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["mpop", "opf", "lora", "full"])
+def test_cli_finetune_sst2(tmp_path, method):
+    from mpokit.cli.main import main
+    from mpokit.io.checkpoint import load_compressed
+
+    if method == "lora":
+        pytest.importorskip("peft")
+    model_dir = _tiny_folder(tmp_path, "bert")
+    out_json = tmp_path / "r.json"
+    rc = main(["finetune", str(model_dir), "--method", method, "--task", "sst2", "--data", str(shared_data_dir() / "sst2"),
+               "--max-steps", "2", "--batch-size", "4", "--seq-len", "24", "--train-limit", "16", "--eval-limit", "16",
+               "--opf-count", "1", "--out", str(tmp_path / "out"), "--json", str(out_json)])
+    assert rc == 0
+    r = json.loads(out_json.read_text())
+    assert 0 <= r["accuracy"] <= 1 and r["global_step"] == 2 and r["eval_rows"] == 16
+    assert 0 < r["trainable_params"] <= r["params"] if method != "opf" else r["trainable_params"] > r["params"]
+    if method in ("mpop", "lora"):
+        assert r["trainable_params"] < 0.5 * r["params"]
+    saved = load_compressed(r["saved"])
+    if method == "opf":  # contracted back: the original architecture
+        assert len(r["selected"]) == 1
+        assert type(saved.get_submodule(r["selected"][0])) is torch.nn.Linear
+
+
+def test_cli_finetune_lm_recover_needs_compressed_model(tmp_path):
+    from mpokit.cli.main import main
+
+    model_dir = _tiny_folder(tmp_path, "llama")
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20000])
+    base = ["finetune", str(model_dir), "--task", "lm", "--data", str(text), "--max-steps", "2", "--batch-size", "2",
+            "--seq-len", "32", "--tokens", "256", "--context", "64", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        main(base + ["--method", "recover"])
+    rc = main(base + ["--method", "mpop", "--squeeze-bond", "4", "--squeeze-steps", "2", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["perplexity"] > 1 and r["squeeze"][-1]["max_bond"] == 4
+
+
+def test_cli_finetune_recover_compressed_checkpoint(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mpokit.cli.main import main
+    from mpokit.io.checkpoint import save_compressed
+    from mpokit.io.models import load_model
+    from mpokit.methods.base import compress_
+    from mpokit.methods.mpo import MPOConfig
+
+    loaded = load_model(str(_tiny_folder(tmp_path, "llama")))
+    compress_(loaded.model, MPOConfig(target_modules=["up_proj", "down_proj"], budget=0.5), progress=False)
+    ckpt = save_compressed(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer)
+    text = tmp_path / "t.txt"
+    text.write_text((shared_data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20000])
+    rc = main(["finetune", str(ckpt), "--method", "recover", "--task", "lm", "--data", str(text), "--max-steps", "2",
+               "--batch-size", "2", "--seq-len", "32", "--tokens", "256", "--context", "64", "--out", str(tmp_path / "o"),
+               "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    cores = sum(p.numel() for n, p in loaded.model.named_parameters() if ".cores." in n)
+    assert r["trainable_params"] == cores and r["perplexity"] > 1

@@ -58,8 +58,8 @@ def run(args) -> int:
     kwargs = {"tokenizer": loaded.tokenizer, "calibration_text": calibration.text} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
     seconds = time.perf_counter() - start
-    out = {"model": loaded.source, "method": args.method, "config": config.to_dict(), "seconds": seconds,
-           "calibration": calibration.name if calibration else None, **report.to_dict()}
+    out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
+           "seconds": seconds, "calibration": calibration.name if calibration else None}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out})
     if args.layers:
         rows = [{"layer": r.name, "shape": list(r.shape), "params": r.params_after, "kept": r.params_after / r.params_before,

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mpokit.cli import compress, evaluate, inspect
+from mpokit.cli import compress, evaluate, finetune, inspect
 from mpokit.cli.common import fail
 from mpokit.version import __version__
 
-COMMANDS = {"compress": compress, "eval": evaluate, "inspect": inspect}
+COMMANDS = {"compress": compress, "eval": evaluate, "inspect": inspect, "finetune": finetune}
 
 
 def build_parser() -> argparse.ArgumentParser:

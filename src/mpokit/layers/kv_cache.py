@@ -30,39 +30,62 @@ STORE_DTYPE = torch.float16  # residual window, scales, offsets and small cores
 
 @dataclass
 class PackedTokens:
-    """Per-token packed codes (B, H, T, ceil(D * bits / 8)) with float16 scale and offset (B, H, T)."""
+    """Packed low-bit states with a float16 scale and an offset (float16 minimum or uint8 zero point)
+    per group. Per token: packed (B, H, T, ceil(D * bits / 8)), scale/offset (B, H, T). Per channel
+    over blocks of G tokens (block > 1): packed (B, H, T/G, D, ceil(G * bits / 8)), scale/offset
+    (B, H, T/G, D). Dim 2 runs along the sequence either way."""
 
     packed: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
+    block: int = 1  # tokens per entry along dim 2
 
     @property
     def length(self) -> int:
-        return self.packed.shape[-2]
+        return self.packed.shape[2] * self.block
 
     def cat(self, other: "PackedTokens") -> "PackedTokens":
         return PackedTokens(*(torch.cat([a, b], dim=2) for a, b in
-                              ((self.packed, other.packed), (self.scale, other.scale), (self.offset, other.offset))))
+                              ((self.packed, other.packed), (self.scale, other.scale), (self.offset, other.offset))),
+                            block=self.block)
 
     def map(self, fn) -> "PackedTokens":
-        return PackedTokens(fn(self.packed), fn(self.scale), fn(self.offset))
+        return PackedTokens(fn(self.packed), fn(self.scale), fn(self.offset), block=self.block)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
 
-def _quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None) -> PackedTokens:
+def _quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None, zero_point: bool) -> PackedTokens:
     b, h, n, d = x.shape
-    q = quantize(x.reshape(-1, d), bits, group_size=d, clip_ratios=clip)  # one group per token row
+    q = quantize(x.reshape(-1, d), bits, group_size=d, clip_ratios=clip, zero_point=zero_point)  # a group per row
     packed = pack_bits(q.codes, bits).reshape(b, h, n, -1)  # (B, H, n, ceil(d*bits/8))
     return PackedTokens(packed, q.scale.reshape(b, h, n), q.offset.reshape(b, h, n))
 
 
 def _dequantize_tokens(p: PackedTokens, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    if p.block > 1:
+        return _dequantize_channels(p, bits, dtype)
     b, h, n, _ = p.packed.shape
     codes = unpack_bits(p.packed.reshape(b * h * n, -1), bits, d)  # (BHn, d)
     x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, d, dtype=dtype)
     return x.reshape(b, h, n, d)
+
+
+def _quantize_channels(x: torch.Tensor, bits: int, block: int, clip, zero_point: bool) -> PackedTokens:
+    """Per-channel groups over blocks of `block` tokens (KIVI's key layout); n must be a multiple of block."""
+    b, h, n, d = x.shape
+    cols = x.reshape(b, h, n // block, block, d).transpose(-1, -2)  # (B, H, nb, D, G)
+    q = quantize(cols.reshape(-1, block), bits, group_size=block, clip_ratios=clip, zero_point=zero_point)
+    packed = pack_bits(q.codes, bits).reshape(b, h, n // block, d, -1)  # (B, H, nb, D, ceil(G*bits/8))
+    return PackedTokens(packed, q.scale.reshape(b, h, -1, d), q.offset.reshape(b, h, -1, d), block=block)
+
+
+def _dequantize_channels(p: PackedTokens, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    b, h, nb, d, _ = p.packed.shape
+    codes = unpack_bits(p.packed.reshape(b * h * nb * d, -1), bits, p.block)  # (BH nb D, G)
+    x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, p.block, dtype=dtype)
+    return x.reshape(b, h, nb, d, p.block).transpose(-1, -2).reshape(b, h, nb * p.block, d)
 
 
 class KVQuantLayer(BaseQuantizedLayer):
@@ -70,11 +93,19 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     small_dim=None gives plain per-token RTN; an int gives DecoQuant with a (small_dim x
     small_dim) 16-bit small core per head for keys and for values.
+    key_group=None quantizes keys per token (DecoQuant as published); an int G quantizes keys
+    per channel over blocks of G tokens instead (KIVI's key layout: key outliers sit in fixed
+    channels), leaving the 16-bit window when a whole block has passed it; the decomposition
+    then applies to the values only.
     """
 
     def __init__(self, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16, alpha: float = 0.5,
-                 clip_search: bool = True):
+                 clip_search: bool = True, zero_point: bool = False, key_group: int | None = None):
         super().__init__()
+        if key_group is not None and key_group < 2:
+            raise ValueError(f"expected key_group >= 2 or None, got {key_group}")
+        self.key_group = key_group
+        self.zero_point = zero_point  # per-token rows: a float offset (the row minimum) measured better
         check_bits(bits)
         if residual_length < 0:
             raise ValueError(f"expected residual_length >= 0, got {residual_length}")
@@ -84,8 +115,11 @@ class KVQuantLayer(BaseQuantizedLayer):
         self._small_inv: dict[str, torch.Tensor] = {}  # derived from _small (not stored, not counted)
 
     # ---- quantized storage --------------------------------------------------------------
+    def _decomposed(self, which: str) -> bool:
+        return self.small_dim is not None and not (which == "k" and self.key_group)
+
     def _encode(self, x: torch.Tensor, which: str) -> torch.Tensor:
-        if self.small_dim is None:
+        if not self._decomposed(which):
             return x
         if which not in self._small:  # fit on the first tokens quantized, shared by the batch
             h, d = x.shape[1], x.shape[-1]
@@ -95,10 +129,12 @@ class KVQuantLayer(BaseQuantizedLayer):
         return to_large_core(x.float(), self._small_inv[which])
 
     def _decode(self, large: torch.Tensor, which: str) -> torch.Tensor:
-        return large if self.small_dim is None else from_large_core(large, self._small[which].float())
+        return from_large_core(large, self._small[which].float()) if self._decomposed(which) else large
 
     def _quantize(self, tensor: torch.Tensor, which: str = "k") -> PackedTokens:
-        return _quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip)
+        if which == "k" and self.key_group:
+            return _quantize_channels(tensor.float(), self.bits, self.key_group, self.clip, self.zero_point)
+        return _quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip, self.zero_point)
 
     def _dequantize(self, q_tensor: PackedTokens, which: str = "k") -> torch.Tensor:
         d = self.head_dim
@@ -131,6 +167,8 @@ class KVQuantLayer(BaseQuantizedLayer):
         res_k = torch.cat([self.keys, key_states.to(STORE_DTYPE)], dim=-2)
         res_v = torch.cat([self.values, value_states.to(STORE_DTYPE)], dim=-2)
         overflow = res_k.shape[-2] - self.residual_length
+        if self.key_group:  # keys leave the window in whole blocks
+            overflow = overflow // self.key_group * self.key_group
         if overflow > 0:
             # quantize from the exact states where we have them (the fp16 window only for older tokens)
             exact_k = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)[..., :overflow, :]
@@ -159,6 +197,8 @@ class KVQuantLayer(BaseQuantizedLayer):
         self.keys, self.values = self.keys[..., : self.keys.shape[-2] - from_window, :], \
             self.values[..., : self.values.shape[-2] - from_window, :]
         rest = n - from_window
+        if rest and self.key_group:
+            raise ValueError("expected to crop only inside the 16-bit window when keys are quantized per channel")
         if rest and self._quantized_keys is not None:
             keep = self._quantized_keys.length - rest
             self._quantized_keys = self._quantized_keys.map(lambda t: t[:, :, :keep])
@@ -211,14 +251,15 @@ class DecoQuantCache(Cache):
     """DecoQuant KV cache: `model.generate(..., past_key_values=DecoQuantCache(model.config, bits=4))`."""
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16,
-                 alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None):
+                 alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None,
+                 zero_point: bool = False, key_group: int | None = None):
         if num_layers is None:
             if config is None:
                 raise ValueError("expected a model config or num_layers, got neither")
             num_layers = _full_attention_layers(config)
         self.bits, self.residual_length = bits, residual_length
-        super().__init__(layers=[KVQuantLayer(bits, residual_length, small_dim, alpha, clip_search)
-                                 for _ in range(num_layers)])
+        super().__init__(layers=[KVQuantLayer(bits, residual_length, small_dim, alpha, clip_search, zero_point,
+                                              key_group) for _ in range(num_layers)])
 
     def storage_bytes(self) -> int:
         return sum(layer.storage_bytes() for layer in self.layers)
@@ -231,8 +272,9 @@ class RTNKVCache(DecoQuantCache):
     """Plain round-to-nearest per-token KV quantization: DecoQuant's ablation (no decomposition)."""
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, clip_search: bool = True,
-                 num_layers: int | None = None):
-        super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers)
+                 num_layers: int | None = None, zero_point: bool = False, key_group: int | None = None):
+        super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers,
+                         zero_point=zero_point, key_group=key_group)
 
 
 def _tensor_bytes(t) -> int:

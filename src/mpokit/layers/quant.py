@@ -22,20 +22,23 @@ __all__ = ["QuantLinear", "QuantizedTensor"]
 class QuantizedTensor(nn.Module):
     """Packed storage of one (rows, cols) matrix; `dequantize()` rebuilds it (used for MPO cores too)."""
 
-    def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool = False, device=None):
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool = False,
+                 zero_point: bool = True, device=None):
         super().__init__()
         check_bits(bits)
         self.rows, self.cols, self.bits, self.group_size, self.symmetric = rows, cols, bits, group_size, symmetric
+        self.zero_point = zero_point and not symmetric
         groups = num_groups(cols, group_size)
+        offset_dtype = torch.uint8 if self.zero_point else SCALE_DTYPE  # integer zero points or 16-bit offsets
         self.register_buffer("packed", torch.zeros(math.ceil(rows * cols * bits / 8), dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(rows, groups, dtype=SCALE_DTYPE, device=device))
-        self.register_buffer("offset", None if symmetric else torch.zeros(rows, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("offset", None if symmetric else torch.zeros(rows, groups, dtype=offset_dtype, device=device))
 
     @torch.no_grad()
     def set_from(self, matrix: torch.Tensor, clip_ratios: tuple[float, ...] | None = None) -> None:
         if tuple(matrix.shape) != (self.rows, self.cols):
             raise ValueError(f"expected a ({self.rows}, {self.cols}) matrix, got {tuple(matrix.shape)}")
-        q = quantize(matrix, self.bits, self.group_size, self.symmetric, clip_ratios)
+        q = quantize(matrix, self.bits, self.group_size, self.symmetric, clip_ratios, self.zero_point)
         self.packed = pack_bits(q.codes.reshape(-1), self.bits)  # (ceil(rows*cols*bits/8),)
         self.scale = q.scale
         if not self.symmetric:
@@ -54,23 +57,24 @@ class QuantizedTensor(nn.Module):
         out = super()._apply(fn, recurse)
         for k, t in saved.items():
             cur = getattr(self, k)
-            if cur.dtype != SCALE_DTYPE:
+            if cur.dtype != t.dtype:
                 setattr(self, k, t.to(cur.device))
         return out
 
     def extra_repr(self) -> str:
         return (f"{self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size}, "
-                f"symmetric={self.symmetric}")
+                f"symmetric={self.symmetric}, zero_point={self.zero_point}")
 
 
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear with a group-wise quantized weight (2/3/4/8 bits)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
-                 symmetric: bool = False, bias: bool = True, cache_weight: bool = False, device=None, dtype=None):
+                 symmetric: bool = False, bias: bool = True, cache_weight: bool = False, zero_point: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.qweight = QuantizedTensor(out_features, in_features, bits, group_size, symmetric, device=device)
+        self.qweight = QuantizedTensor(out_features, in_features, bits, group_size, symmetric, zero_point, device=device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.compute_dtype = dtype or torch.get_default_dtype()
         self.cache_weight = cache_weight
@@ -91,12 +95,12 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int = 4,
                     group_size: int = 128, symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None,
-                    cache_weight: bool = False) -> "QuantLinear":
+                    cache_weight: bool = False, zero_point: bool = True) -> "QuantLinear":
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
         out_f, in_f = weight.shape
         layer = cls(in_f, out_f, bits, group_size, symmetric, bias=bias is not None, cache_weight=cache_weight,
-                    device=weight.device, dtype=weight.dtype)
+                    zero_point=zero_point, device=weight.device, dtype=weight.dtype)
         layer.qweight.set_from(weight, clip_ratios)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
@@ -150,12 +154,12 @@ class QuantLinear(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "bias": self.bias is not None}
+                "zero_point": self.qweight.zero_point, "bias": self.bias is not None}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "QuantLinear":
         return cls(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["symmetric"],
-                   bias=spec["bias"], device=device, dtype=dtype)
+                   bias=spec["bias"], zero_point=spec.get("zero_point", True), device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

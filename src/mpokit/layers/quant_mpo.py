@@ -38,7 +38,7 @@ class QuantMPOLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, out_dims, in_dims, bonds, quantized: list[int],
                  bits: int = 4, group_size: int = 128, symmetric: bool = False, bias: bool = True,
-                 device=None, dtype=None):
+                 zero_point: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.out_dims, self.in_dims, self.bonds = list(out_dims), list(in_dims), list(bonds)
@@ -46,22 +46,23 @@ class QuantMPOLinear(nn.Module):
         self.shapes = core_shapes(self.out_dims, self.in_dims, self.bonds)
         self.compute_dtype = dtype or torch.get_default_dtype()
         self.qcores = nn.ModuleDict({
-            str(k): QuantizedTensor(s[0] * s[1], s[2] * s[3], bits, group_size, symmetric, device=device)
+            str(k): QuantizedTensor(s[0] * s[1], s[2] * s[3], bits, group_size, symmetric, zero_point, device=device)
             for k, s in enumerate(self.shapes) if k in self.quantized})
         self.fcores = nn.ParameterDict({
             str(k): nn.Parameter(torch.zeros(s, device=device, dtype=dtype))
             for k, s in enumerate(self.shapes) if k not in self.quantized})
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.bits, self.group_size, self.symmetric, self.zero_point = bits, group_size, symmetric, zero_point
 
     @classmethod
     def from_mpo(cls, layer: MPOLinear, which: str = "all", *, bits: int = 4, group_size: int = 128,
-                 symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None) -> "QuantMPOLinear":
+                 symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None,
+                 zero_point: bool = True) -> "QuantMPOLinear":
         cores = [c.detach() for c in layer.cores]
         quantized = select_cores([tuple(c.shape) for c in cores], which)
         new = cls(layer.in_features, layer.out_features, layer.out_dims, layer.in_dims, layer.bonds, quantized,
-                  bits, group_size, symmetric, bias=layer.bias is not None, device=cores[0].device,
-                  dtype=cores[0].dtype)
+                  bits, group_size, symmetric, bias=layer.bias is not None, zero_point=zero_point,
+                  device=cores[0].device, dtype=cores[0].dtype)
         with torch.no_grad():
             for k, c in enumerate(cores):
                 r0, o, i, r1 = c.shape
@@ -130,13 +131,13 @@ class QuantMPOLinear(nn.Module):
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
                 "out_dims": self.out_dims, "in_dims": self.in_dims, "bonds": self.bonds, "quantized": self.quantized,
                 "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "bias": self.bias is not None}
+                "zero_point": self.zero_point, "bias": self.bias is not None}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "QuantMPOLinear":
         return cls(spec["in_features"], spec["out_features"], spec["out_dims"], spec["in_dims"], spec["bonds"],
                    spec["quantized"], spec["bits"], spec["group_size"], spec["symmetric"], bias=spec["bias"],
-                   device=device, dtype=dtype)
+                   zero_point=spec.get("zero_point", True), device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.out_features}x{self.in_features}, out_dims={self.out_dims}, in_dims={self.in_dims}, "

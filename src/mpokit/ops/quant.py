@@ -2,9 +2,10 @@
 
 A (rows, cols) matrix is split along its columns (the input dimension of a weight,
 the feature dimension of a KV row) into groups of `group_size` values; each group
-gets its own 16-bit scale (and 16-bit offset when asymmetric):
-  asymmetric: w ~ scale * q + offset,           q in [0, 2^b - 1]
-  symmetric:  w ~ scale * (q - 2^(b-1)),         q in [0, 2^b - 1]
+gets its own 16-bit scale and, when asymmetric, an offset:
+  zero point (default): w ~ scale * (q - z),       z an integer code (uint8), so 0 is exact
+  float offset:         w ~ scale * q + offset,    offset = the 16-bit group minimum
+  symmetric:            w ~ scale * (q - 2^(b-1))
 When cols is not a multiple of group_size the last group of each row is shorter
 (its range is computed on its real values only). Codes are packed densely:
 8 codes of b bits fill b bytes, so storage is exactly ceil(n * b / 8) bytes.
@@ -38,7 +39,7 @@ class Quantized:
 
     codes: torch.Tensor
     scale: torch.Tensor
-    offset: torch.Tensor | None  # None when symmetric
+    offset: torch.Tensor | None  # uint8 zero points, float16 offsets, or None when symmetric
     bits: int
     group_size: int
 
@@ -57,74 +58,101 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(rows, -1, group_size)  # (rows, groups, G)
 
 
-def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
-    """16-bit scale (and offset) for groups with range [lo, hi]; both (rows, groups, 1)."""
-    if symmetric:
+def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int, mode: str):
+    """Scale (float16) and offset for groups with range [lo, hi], both (rows, groups, 1).
+
+    mode "zero_point": the range is widened to hold 0 and the offset is an integer code z
+    (returned as float here, stored uint8), so w = 0 is exactly representable; "float": the
+    offset is the 16-bit group minimum; "symmetric": no offset.
+    """
+    qmax = 2 ** bits - 1
+    if mode == "symmetric":
         absmax = torch.maximum(lo.abs(), hi.abs())
-        scale = (absmax / max(2 ** (bits - 1) - 1, 1)).clamp_min(1e-8).to(SCALE_DTYPE)
-        return scale, None
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-8).to(SCALE_DTYPE)
-    return scale, lo.to(SCALE_DTYPE)
+        return (absmax / max(2 ** (bits - 1) - 1, 1)).clamp_min(1e-8).to(SCALE_DTYPE), None
+    if mode == "zero_point":
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp_min(1e-8).to(SCALE_DTYPE)
+        return scale, torch.round(-lo / scale.float()).clamp_(0, qmax)
+    return ((hi - lo) / qmax).clamp_min(1e-8).to(SCALE_DTYPE), lo.to(SCALE_DTYPE)
 
 
-def _codes(g: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+def _codes(g: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, mode: str) -> torch.Tensor:
     """Round-to-nearest codes of grouped values g (rows, groups, G) on the stored (16-bit) grid."""
     s = scale.float()
-    if offset is None:
+    if mode == "symmetric":
         q = torch.round(g / s) + 2 ** (bits - 1)
+    elif mode == "zero_point":
+        q = torch.round(g / s) + offset
     else:
         q = torch.round((g - offset.float()) / s)
     return q.clamp_(0, 2 ** bits - 1)
 
 
-def _dequant_grouped(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
-    if offset is None:
+def _dequant_grouped(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
+                     mode: str) -> torch.Tensor:
+    if mode == "symmetric":
         return (q - 2 ** (bits - 1)) * scale.float()
+    if mode == "zero_point":
+        return (q - offset.float()) * scale.float()
     return q * scale.float() + offset.float()
+
+
+def _mode(symmetric: bool, zero_point: bool) -> str:
+    return "symmetric" if symmetric else ("zero_point" if zero_point else "float")
+
+
+def _mode_of(offset: torch.Tensor | None) -> str:
+    """Stored layouts tell their mode: no offset, uint8 zero points, or 16-bit float offsets."""
+    return "symmetric" if offset is None else ("zero_point" if offset.dtype == torch.uint8 else "float")
 
 
 @torch.no_grad()
 def quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-             clip_ratios: tuple[float, ...] | None = None) -> Quantized:
+             clip_ratios: tuple[float, ...] | None = None, zero_point: bool = True) -> Quantized:
     """Round-to-nearest group-wise quantization of a 2-D tensor.
 
+    zero_point (asymmetric only): integer zero point, so 0 stays exact (as torchao and most
+      int4 kernels do); False stores a 16-bit float offset (the group minimum) instead.
     clip_ratios: shrink factors for each group's range; the one with the least squared error
-    is kept per group (data-free, as in AWQ's clip search but on the weight alone). None or
-    (1.0,) is plain min/max RTN.
+      is kept per group (data-free, as in AWQ's clip search but on the weight alone). None or
+      (1.0,) is plain min/max RTN.
     """
     check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D tensor, got shape {tuple(w.shape)}")
     if group_size < 1:
         raise ValueError(f"expected group_size >= 1, got {group_size}")
+    mode = _mode(symmetric, zero_point)
     step = max(1, ROWS_PER_CHUNK_NUMEL // max(w.shape[1], 1))  # bound temporary memory on big tables
-    parts = [_quantize_rows(w[r:r + step], bits, group_size, symmetric, clip_ratios)
+    parts = [_quantize_rows(w[r:r + step], bits, group_size, mode, clip_ratios)
              for r in range(0, w.shape[0], step)]
     codes, scale, offset = (torch.cat([p[k] for p in parts]) if parts[0][k] is not None else None for k in range(3))
     return Quantized(codes, scale, offset, bits, group_size)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip_ratios):
+def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, mode: str, clip_ratios):
     rows, cols = w.shape
     g = _grouped(w.detach().float(), group_size)  # (rows, groups, G)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)  # (rows, groups, 1)
     valid = (torch.arange(g.shape[1] * group_size, device=g.device) < cols).reshape(1, -1, group_size)  # padding
     best = None
     for ratio in clip_ratios or (1.0,):
-        scale, offset = _params(lo * ratio, hi * ratio, bits, symmetric)
-        q = _codes(g, scale, offset, bits)
-        err = ((_dequant_grouped(q, scale, offset, bits) - g).square_() * valid).sum(-1, keepdim=True)  # (rows, groups, 1)
+        scale, offset = _params(lo * ratio, hi * ratio, bits, mode)
+        q = _codes(g, scale, offset, bits, mode)
+        err = ((_dequant_grouped(q, scale, offset, bits, mode) - g).square_() * valid).sum(-1, keepdim=True)
         if best is None:
             best = [err, scale, offset, q]
             continue
-        better = err < best[0]
+        better = err < best[0]  # (rows, groups, 1)
         best[0] = torch.where(better, err, best[0])
         best[1] = torch.where(better, scale, best[1])
         best[2] = None if offset is None else torch.where(better, offset, best[2])
         best[3] = torch.where(better, q, best[3])
     _, scale, offset, q = best
     codes = q.reshape(rows, -1)[:, :cols].to(torch.uint8)  # (rows, cols)
-    return codes, scale.squeeze(-1), None if offset is None else offset.squeeze(-1)
+    if offset is not None:
+        offset = offset.squeeze(-1).to(torch.uint8 if mode == "zero_point" else SCALE_DTYPE)
+    return codes, scale.squeeze(-1), offset
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group_size: int,
@@ -137,14 +165,15 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
     if pad:
         q = torch.nn.functional.pad(q, (0, pad))
     q = q.reshape(rows, groups, group_size)  # (rows, groups, G)
-    w = _dequant_grouped(q, scale.unsqueeze(-1), None if offset is None else offset.unsqueeze(-1), bits)
+    w = _dequant_grouped(q, scale.unsqueeze(-1), None if offset is None else offset.unsqueeze(-1), bits,
+                         _mode_of(offset))
     return w.reshape(rows, -1)[:, :cols].to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                  clip_ratios: tuple[float, ...] | None = None) -> torch.Tensor:
+                  clip_ratios: tuple[float, ...] | None = None, zero_point: bool = True) -> torch.Tensor:
     """dequantize(quantize(w)) in w's dtype: the values a quantized layer computes with."""
-    qt = quantize(w, bits, group_size, symmetric, clip_ratios)
+    qt = quantize(w, bits, group_size, symmetric, clip_ratios, zero_point)
     return dequantize(qt.codes, qt.scale, qt.offset, bits, group_size, dtype=w.dtype)
 
 

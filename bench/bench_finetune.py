@@ -1,0 +1,56 @@
+"""SST-2 fine-tuning on all-MiniLM-L6-v2: full vs MPOP (aux cores) vs LoRA (PEFT) vs OPF, same steps.
+
+Every method runs in this one process with the same data order, steps, batch size and sequence
+length; accuracy is on the first --eval-limit rows of SST-2 dev. Results: results/bench_finetune.json.
+Usage: python bench/bench_finetune.py --max-steps 40 --batch-size 8 --seq-len 32 --eval-limit 200
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="full,mpop,lora,opf")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--train-limit", type=int, default=4000)
+    p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "results" / "bench_finetune.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from mpokit.cli.common import print_table
+    from mpokit.io.atomic import write_json
+    from mpokit.train.data import shared_data_dir
+    from mpokit.train.recipes import FinetuneOptions, finetune
+
+    data = shared_data_dir() / "sst2"
+    rows = []
+    settings = {k: getattr(args, k) for k in ("max_steps", "batch_size", "seq_len", "train_limit", "eval_limit")}
+    for method in args.methods.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = finetune(FinetuneOptions(model="minilm", method=method, task="sst2", data=str(data), out=tmp,
+                                         max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                         train_limit=args.train_limit, eval_limit=args.eval_limit))
+        r.pop("saved", None)
+        r["trainable_frac"] = r["trainable_params"] / r["params"]
+        rows.append(r)
+        print_table(rows, ["method", "trainable_params", "trainable_frac", "train_loss", "accuracy", "seconds"],
+                    title=f"SST-2 dev (first {args.eval_limit} rows), MiniLM, {args.max_steps} steps x {args.batch_size}")
+        write_json(args.out, {"settings": settings, "eval": f"SST-2 dev, first {args.eval_limit} rows",
+                              "threads": args.threads, "rows": rows})  # after each method: partial runs survive
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""mpokit finetune: adapt a model (MPOP, recovery, OPF, OPDF, LoRA, full) with Hugging Face Trainer."""
+from __future__ import annotations
+
+from mpokit.cli.common import emit_json, print_table
+
+HELP = "fine-tune a model or compressed checkpoint (causal LM on a text file, or SST-2) and report the metric"
+
+
+def add_arguments(p) -> None:
+    from mpokit.train.recipes import METHODS, TASKS
+
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder, alias (smollm2, minilm) or hub id")
+    p.add_argument("--method", required=True, choices=METHODS,
+                   help="mpop: auxiliary cores only; recover: all MPO cores of a compressed model; opf: expand "
+                        "selected weights to long MPOs, train, contract back; opdf: opf + distillation from "
+                        "--teacher; lora: PEFT LoRA; full: every parameter")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help="lm: training text file; sst2: folder with train.tsv/dev.tsv")
+    p.add_argument("--max-steps", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder (Trainer checkpoints + model/)")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on --method)")
+    p.add_argument("--seq-len", type=int, default=128, help="lm window / sst2 max tokens (default 128)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows/windows for training")
+    p.add_argument("--eval-data", default=None, help="lm: text for perplexity (default --data); sst2: tsv")
+    p.add_argument("--eval-limit", type=int, default=None, help="sst2: first N evaluation rows")
+    p.add_argument("--tokens", type=int, default=8192, help="lm: perplexity tokens (default 8192)")
+    p.add_argument("--context", type=int, default=512, help="lm: perplexity window (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-steps", type=int, default=None, help="Trainer checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --out")
+    p.add_argument("--num-cores", type=int, default=3, help="mpop on a dense model: cores per matrix")
+    p.add_argument("--squeeze-bond", type=int, default=None, help="mpop: squeeze bonds down to this, in steps")
+    p.add_argument("--squeeze-steps", type=int, default=2)
+    p.add_argument("--select", default="fisher", choices=["fisher", "stable-rank"], help="opf/opdf layer choice")
+    p.add_argument("--opf-count", type=int, default=4, help="opf/opdf: how many weights to expand")
+    p.add_argument("--opf-extra", type=int, default=2, help="opf/opdf: inserted r x r cores per weight")
+    p.add_argument("--teacher", default=None, help="opdf: teacher model (same task)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opdf: KD weight")
+    p.add_argument("--beta", type=float, default=1.0, help="opdf: tensor constraint weight")
+    p.add_argument("--lora-rank", type=int, default=8)
+
+
+def run(args) -> int:
+    from mpokit.train.recipes import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(
+        model=args.model, method=args.method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
+        batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, train_limit=args.train_limit,
+        eval_data=args.eval_data, eval_tokens=args.tokens, context=args.context, eval_limit=args.eval_limit,
+        seed=args.seed, save_steps=args.save_steps, resume=args.resume, num_cores=args.num_cores,
+        squeeze_bond=args.squeeze_bond, squeeze_steps=args.squeeze_steps, select=args.select,
+        opf_count=args.opf_count, opf_extra=args.opf_extra, teacher=args.teacher, alpha=args.alpha, beta=args.beta,
+        lora_rank=args.lora_rank)
+    out = finetune(opts)
+    metric = "accuracy" if args.task == "sst2" else "perplexity"
+    print_table([out], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", metric,
+                        "seconds"])
+    emit_json(args.json, out)
+    return 0
