@@ -75,6 +75,51 @@ def test_residual_window_is_exact_and_quantized_once():
     assert not torch.allclose(keys2[:, :, :7], k[:, :, :7], atol=1e-2)
 
 
+def test_per_channel_keys_beat_per_token_keys_on_channel_outliers():
+    k = outlier_rows(n=128).reshape(1, 1, 128, 64)
+    k[..., 5] += 6.0  # a channel with a large offset, as real keys have
+    token = _layer_roundtrip(KVQuantLayer(2, residual_length=0, small_dim=None), k)
+    channel = _layer_roundtrip(KVQuantLayer(2, residual_length=0, small_dim=None, key_group=32), k)
+    assert sqnr_db(k, channel) > sqnr_db(k, token) + 3
+
+
+def test_key_blocks_leave_the_window_whole():
+    layer = KVQuantLayer(4, residual_length=0, small_dim=16, key_group=8)
+    k = torch.randn(1, 2, 21, 64)
+    layer.update(k, k)
+    assert layer._quantized_keys.length == 16 and layer.keys.shape[-2] == 5  # 2 blocks of 8; 5 wait in 16 bits
+    assert layer._quantized_values.length == 16
+    keys, _ = layer.update(k[:, :, :3], k[:, :, :3])
+    assert keys.shape[-2] == 24 and layer._quantized_keys.length == 24 and layer.keys.shape[-2] == 0
+    with pytest.raises(ValueError, match="crop only inside"):
+        layer.crop(-2)
+
+
+def test_sink_tokens_are_exact_and_do_not_stretch_ranges():
+    k = outlier_rows(n=64).reshape(1, 1, 64, 64)
+    k[:, :, 0] *= 40  # a massive first token, as attention sinks have
+    outs = {}
+    for sink in (0, 2):
+        layer = KVQuantLayer(2, residual_length=0, small_dim=None, key_group=16, sink_length=sink)
+        for i in range(0, 64, 8):  # arrive a few at a time, as in generation
+            layer.update(k[:, :, i:i + 8], k[:, :, i:i + 8])
+        outs[sink], _ = layer.update(k[:, :, :1], k[:, :, :1])
+        assert layer.get_seq_length() == 65
+    assert torch.allclose(outs[2][:, :, :2], k[:, :, :2], rtol=1e-3)  # 16-bit copies
+    assert sqnr_db(k[:, :, 2:64], outs[2][:, :, 2:64]) > sqnr_db(k[:, :, 2:64], outs[0][:, :, 2:64]) + 3
+
+
+def test_small_core_waits_for_enough_tokens():
+    layer = KVQuantLayer(4, residual_length=0, small_dim=16)
+    k = outlier_rows(n=40).reshape(1, 1, 40, 64)
+    for i in range(0, 40, 4):
+        layer.update(k[:, :, i:i + 4], k[:, :, i:i + 4])
+    assert layer._n_plain["k"] == 12  # 3 pushes of 4 before 16 tokens were at hand
+    assert layer._small["k"].shape == (1, 16, 16)
+    keys, _ = layer.update(k[:, :, :1], k[:, :, :1])
+    assert sqnr_db(k, keys[:, :, :40]) > 15
+
+
 def test_bytes_accounting():
     layer = KVQuantLayer(4, residual_length=0, small_dim=16)
     k = torch.randn(1, 2, 400, 64)

@@ -13,12 +13,6 @@ from mpokit.layers.mpoe import MPOEFFN
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_cli_moefication_one_layer(tmp_path):

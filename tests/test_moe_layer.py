@@ -10,13 +10,6 @@ from mpokit.layers.moe import MoEFFN
 from mpokit.ops.experts import KERNELS, run_experts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids oversubscription stalls on a shared CPU (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

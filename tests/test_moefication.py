@@ -15,13 +15,6 @@ from mpokit.surgery.ffn import find_ffns
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread avoids oversubscription stalls on a shared CPU (100x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

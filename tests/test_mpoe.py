@@ -10,12 +10,6 @@ from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE, mask_grad
 from mpokit.methods.mpoe import MPOEConfig, moe_aux_loss, routed_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ids(vocab: int, batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:

@@ -12,12 +12,6 @@ from mpokit.methods.share import ShareConfig, weight_types
 from mpokit.ops.shared_tt import fit_shared_central, from_three_way, to_three_way
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 OD, ID = [2, 3, 4], [3, 2, 2]  # a 24 x 12 matrix; n = (6, 6, 8)

@@ -24,6 +24,7 @@ __all__ = ["PackedTokens", "KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_c
            "KVCacheFactory", "KV_CACHE_KINDS"]
 
 KV_CACHE_KINDS = ("decoquant", "rtn", "quanto")
+MIN_FIT_TOKENS = 16  # DecoQuant's small core is fitted once this many exact tokens are at hand
 KV_CLIP_RATIOS = DEFAULT_CLIP_RATIOS[::2]  # 1.0, 0.95, ..., 0.6: per-token range search at quantize time
 STORE_DTYPE = torch.float16  # residual window, scales, offsets and small cores
 
@@ -93,6 +94,9 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     small_dim=None gives plain per-token RTN; an int gives DecoQuant with a (small_dim x
     small_dim) 16-bit small core per head for keys and for values.
+    sink_length: the first tokens of the sequence also keep a 16-bit copy, used instead of their
+    codes (attention sinks: every query attends to them, so their error reaches every output);
+    they are left out of the quantization ranges. Their codes stay, so blocks stay aligned.
     key_group=None quantizes keys per token (DecoQuant as published); an int G quantizes keys
     per channel over blocks of G tokens instead (KIVI's key layout: key outliers sit in fixed
     channels), leaving the 16-bit window when a whole block has passed it; the decomposition
@@ -100,11 +104,14 @@ class KVQuantLayer(BaseQuantizedLayer):
     """
 
     def __init__(self, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16, alpha: float = 0.5,
-                 clip_search: bool = True, zero_point: bool = False, key_group: int | None = None):
+                 clip_search: bool = True, zero_point: bool = False, key_group: int | None = None,
+                 sink_length: int = 0):
         super().__init__()
         if key_group is not None and key_group < 2:
             raise ValueError(f"expected key_group >= 2 or None, got {key_group}")
-        self.key_group = key_group
+        if sink_length < 0:
+            raise ValueError(f"expected sink_length >= 0, got {sink_length}")
+        self.key_group, self.sink_length = key_group, sink_length
         self.zero_point = zero_point  # per-token rows: a float offset (the row minimum) measured better
         check_bits(bits)
         if residual_length < 0:
@@ -113,23 +120,40 @@ class KVQuantLayer(BaseQuantizedLayer):
         self.clip = KV_CLIP_RATIOS if clip_search else None
         self._small: dict[str, torch.Tensor] = {}  # "k"/"v" -> (H, d2, d2) float16 small core
         self._small_inv: dict[str, torch.Tensor] = {}  # derived from _small (not stored, not counted)
+        self._n_plain: dict[str, int] = {}  # tokens quantized before the small core was fitted
 
     # ---- quantized storage --------------------------------------------------------------
     def _decomposed(self, which: str) -> bool:
         return self.small_dim is not None and not (which == "k" and self.key_group)
 
+    def _maybe_fit(self, which: str, rows: torch.Tensor) -> None:
+        """Fit the small core once MIN_FIT_TOKENS exact non-sink tokens are at hand (rows (B, H, n, D)),
+        shared by the batch; tokens quantized before that are stored without decomposition."""
+        if not self._decomposed(which) or which in self._small:
+            return
+        stored = self._quantized_keys if which == "k" else self._quantized_values
+        if stored is not None:  # tokens already stored without decomposition count too (dequantized)
+            rows = torch.cat([self._dequantize(stored, which)[..., self.sink_length:, :].float(), rows.float()], dim=-2)
+        if rows.shape[-2] < MIN_FIT_TOKENS:
+            return
+        h, d = rows.shape[1], rows.shape[-1]
+        flat = rows.float().transpose(0, 1).reshape(h, -1, d)  # (H, B*n, D)
+        self._small[which] = fit_small_core(flat, self.small_dim, self.alpha).to(STORE_DTYPE)
+        self._small_inv[which] = torch.linalg.inv(self._small[which].float())
+
     def _encode(self, x: torch.Tensor, which: str) -> torch.Tensor:
         if not self._decomposed(which):
             return x
-        if which not in self._small:  # fit on the first tokens quantized, shared by the batch
-            h, d = x.shape[1], x.shape[-1]
-            rows = x.float().transpose(0, 1).reshape(h, -1, d)  # (H, B*n, D)
-            self._small[which] = fit_small_core(rows, self.small_dim, self.alpha).to(STORE_DTYPE)
-            self._small_inv[which] = torch.linalg.inv(self._small[which].float())
+        if which not in self._small:
+            self._n_plain[which] = self._n_plain.get(which, 0) + x.shape[-2]
+            return x
         return to_large_core(x.float(), self._small_inv[which])
 
     def _decode(self, large: torch.Tensor, which: str) -> torch.Tensor:
-        return from_large_core(large, self._small[which].float()) if self._decomposed(which) else large
+        if not self._decomposed(which) or which not in self._small:
+            return large
+        n = self._n_plain.get(which, 0)  # the first n tokens were stored before the core was fitted
+        return torch.cat([large[..., :n, :], from_large_core(large[..., n:, :], self._small[which].float())], dim=-2)
 
     def _quantize(self, tensor: torch.Tensor, which: str = "k") -> PackedTokens:
         if which == "k" and self.key_group:
@@ -146,6 +170,7 @@ class KVQuantLayer(BaseQuantizedLayer):
         self.head_dim = key_states.shape[-1]
         self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[-1]), dtype=STORE_DTYPE)
         self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[-1]), dtype=STORE_DTYPE)
+        self._sink_k, self._sink_v = self.keys.clone(), self.values.clone()  # (B, H, <= sink_length, D) float16
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -154,26 +179,52 @@ class KVQuantLayer(BaseQuantizedLayer):
         self.cumulative_length += key_states.shape[-2]
         parts_k, parts_v = [], []
         if self._quantized_keys is not None:
-            parts_k.append(self._dequantize(self._quantized_keys, "k"))
-            parts_v.append(self._dequantize(self._quantized_values, "v"))
+            parts_k.append(self._with_sink(self._dequantize(self._quantized_keys, "k"), self._sink_k))
+            parts_v.append(self._with_sink(self._dequantize(self._quantized_values, "v"), self._sink_v))
         # the current tokens attend to their own exact states, as with transformers' quantized caches
         keys = torch.cat(parts_k + [self.keys.to(self.dtype), key_states], dim=-2)
         values = torch.cat(parts_v + [self.values.to(self.dtype), value_states], dim=-2)
         self._push(key_states, value_states)
         return keys, values
 
+    def _with_sink(self, states: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+        """Dequantized states with the first tokens replaced by their 16-bit sink copies."""
+        n = min(sink.shape[-2], states.shape[-2])
+        return torch.cat([sink[..., :n, :].to(states.dtype), states[..., n:, :]], dim=-2) if n else states
+
+    def _without_sink(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, H, n, D) holds tokens start..start+n-1; sink tokens among them are replaced by the mean of
+        the others, so that their (16-bit, kept aside) outliers do not stretch the quantization ranges."""
+        n_sink = min(max(self.sink_length - start, 0), x.shape[-2])
+        if n_sink == 0:
+            return x
+        rest = x[..., n_sink:, :]
+        filler = rest.mean(-2, keepdim=True) if rest.shape[-2] else torch.zeros_like(x[..., :1, :])
+        return torch.cat([filler.expand(*x.shape[:2], n_sink, x.shape[-1]), rest], dim=-2)
+
     def _push(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Append to the 16-bit window; tokens pushed out of it are quantized (once)."""
+        start = 0 if self._quantized_keys is None else self._quantized_keys.length  # sequence index of window[0]
         res_k = torch.cat([self.keys, key_states.to(STORE_DTYPE)], dim=-2)
         res_v = torch.cat([self.values, value_states.to(STORE_DTYPE)], dim=-2)
+        to_sink = min(self.sink_length - self._sink_k.shape[-2], res_k.shape[-2] - (self._sink_k.shape[-2] - start))
+        if to_sink > 0:  # copy the first tokens of the sequence aside, in 16 bits
+            first = self._sink_k.shape[-2] - start
+            self._sink_k = torch.cat([self._sink_k, res_k[..., first:first + to_sink, :]], dim=-2)
+            self._sink_v = torch.cat([self._sink_v, res_v[..., first:first + to_sink, :]], dim=-2)
         overflow = res_k.shape[-2] - self.residual_length
         if self.key_group:  # keys leave the window in whole blocks
             overflow = overflow // self.key_group * self.key_group
         if overflow > 0:
             # quantize from the exact states where we have them (the fp16 window only for older tokens)
-            exact_k = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)[..., :overflow, :]
-            exact_v = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)[..., :overflow, :]
-            qk, qv = self._quantize(exact_k, "k"), self._quantize(exact_v, "v")
+            exact_k = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
+            exact_v = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+            skip = max(self.sink_length - start, 0)  # fit on the tokens at hand, sinks left out
+            self._maybe_fit("k", exact_k[..., skip:, :])
+            self._maybe_fit("v", exact_v[..., skip:, :])
+            exact_k, exact_v = exact_k[..., :overflow, :], exact_v[..., :overflow, :]
+            qk = self._quantize(self._without_sink(exact_k, start), "k")
+            qv = self._quantize(self._without_sink(exact_v, start), "v")
             self._quantized_keys = qk if self._quantized_keys is None else self._quantized_keys.cat(qk)
             self._quantized_values = qv if self._quantized_values is None else self._quantized_values.cat(qv)
             res_k, res_v = res_k[..., overflow:, :], res_v[..., overflow:, :]
@@ -184,7 +235,7 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._small, self._small_inv = {}, {}
+        self._small, self._small_inv, self._n_plain = {}, {}, {}
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest `-tokens_to_remove` tokens (negative, as transformers' DynamicLayer takes it)."""
@@ -204,11 +255,14 @@ class KVQuantLayer(BaseQuantizedLayer):
             self._quantized_keys = self._quantized_keys.map(lambda t: t[:, :, :keep])
             self._quantized_values = self._quantized_values.map(lambda t: t[:, :, :keep])
         self.cumulative_length -= n
+        keep = min(self._sink_k.shape[-2], self.cumulative_length)
+        self._sink_k, self._sink_v = self._sink_k[..., :keep, :], self._sink_v[..., :keep, :]
 
     def _batch_map(self, fn) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self._sink_k, self._sink_v = fn(self._sink_k), fn(self._sink_v)
         if self._quantized_keys is not None:
             self._quantized_keys, self._quantized_values = self._quantized_keys.map(fn), self._quantized_values.map(fn)
 
@@ -223,10 +277,10 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     # ---- accounting -----------------------------------------------------------------------
     def storage_bytes(self) -> int:
-        """Bytes held: packed codes, scales, offsets, small cores and the 16-bit window."""
+        """Bytes held: packed codes, scales, offsets, small cores, the 16-bit window and sink."""
         if not self.is_initialized:
             return 0
-        total = (self.keys.numel() + self.values.numel()) * 2  # float16 window
+        total = (self.keys.numel() + self.values.numel() + self._sink_k.numel() + self._sink_v.numel()) * 2  # fp16
         if self._quantized_keys is not None:
             total += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
         return total + sum(t.numel() * t.element_size() for t in self._small.values())
@@ -252,14 +306,14 @@ class DecoQuantCache(Cache):
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16,
                  alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None,
-                 zero_point: bool = False, key_group: int | None = None):
+                 zero_point: bool = False, key_group: int | None = None, sink_length: int = 0):
         if num_layers is None:
             if config is None:
                 raise ValueError("expected a model config or num_layers, got neither")
             num_layers = _full_attention_layers(config)
         self.bits, self.residual_length = bits, residual_length
         super().__init__(layers=[KVQuantLayer(bits, residual_length, small_dim, alpha, clip_search, zero_point,
-                                              key_group) for _ in range(num_layers)])
+                                              key_group, sink_length) for _ in range(num_layers)])
 
     def storage_bytes(self) -> int:
         return sum(layer.storage_bytes() for layer in self.layers)
@@ -272,9 +326,10 @@ class RTNKVCache(DecoQuantCache):
     """Plain round-to-nearest per-token KV quantization: DecoQuant's ablation (no decomposition)."""
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, clip_search: bool = True,
-                 num_layers: int | None = None, zero_point: bool = False, key_group: int | None = None):
+                 num_layers: int | None = None, zero_point: bool = False, key_group: int | None = None,
+                 sink_length: int = 0):
         super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers,
-                         zero_point=zero_point, key_group=key_group)
+                         zero_point=zero_point, key_group=key_group, sink_length=sink_length)
 
 
 def _tensor_bytes(t) -> int:

@@ -18,7 +18,7 @@ __all__ = ["fit_small_core", "to_large_core", "from_large_core"]
 
 # Singular values below this fraction of the largest are floored, so Small stays invertible
 # (rank-deficient data, e.g. a one-token prompt, would otherwise divide by zero).
-SINGULAR_FLOOR = 1e-3
+SINGULAR_FLOOR = 1e-2
 
 
 @torch.no_grad()
