@@ -7,9 +7,10 @@ same invocation, so every ratio compares numbers measured side by side):
              construction); mpokit (RTN, integer zero points), its ablations mpokit-float (16-bit
              float offset = group minimum, as quanto stores) and mpokit-clip (MSE clip search),
              optimum-quanto, torchao (when importable); WikiText-2 test perplexity, weight bytes.
-  kv         KV cache at 8/4/2 bits: DecoQuant, RTN (ablation), transformers QuantizedCache
-             (quanto backend); each 512-token window is fed in chunks of 64 tokens through one
-             cache, so chunks 2..8 attend to the quantized states of the earlier ones.
+  kv         KV cache at 8/4/2 bits: DecoQuant (per-token, as published), RTN (ablation), the
+             -kc variants (keys per channel in 64-token blocks + 4 sink tokens), transformers
+             QuantizedCache (quanto backend); each 512-token window is fed in chunks of 64 tokens
+             through one cache, so chunks 2..8 attend to the quantized states of the earlier ones.
   abilities  ICL (k-shot SST-2), CoT arithmetic, instruction following at dense/8/4/3/2-bit weights.
   minilm     float32 all-MiniLM-L6-v2 encoder: weight SQNR and sentence-embedding cosine vs the
              float model on SST-2 dev sentences.
@@ -131,7 +132,6 @@ def mpokit_config(peer: str, bits: int, group: int, **kw):
 def part_weights(args) -> dict:
     from mpokit import compress_, load_model
     from mpokit.eval.size import param_bytes
-    from mpokit.methods import QuantConfig
     from mpokit.surgery import find_targets
 
     loaded = load_model(None)
@@ -180,17 +180,19 @@ def part_weights(args) -> dict:
 
 def part_kv(args) -> dict:
     from mpokit import load_model
-    from mpokit.layers.kv_cache import KVCacheFactory
+    from mpokit.layers.kv_cache import KV_PRESETS, KVCacheFactory
 
     loaded = load_model(None)
     model, tok = loaded.model, loaded.tokenizer
     t = time.perf_counter()
     base = _ppl(model, tok, args, chunk=args.chunk)
     out = {"model": loaded.source, "corpus": "WikiText-2 test", "tokens": args.tokens, "context": args.context,
-           "chunk": args.chunk, "residual_length": args.residual,
-           "how": f"each {args.context}-token window fed in chunks of {args.chunk} tokens through one cache; "
-                  f"the newest {args.residual} tokens stay 16-bit; bytes = cache contents at window end vs a 16-bit "
-                  f"cache of the same tokens; baseline = the same chunked evaluation with transformers' DynamicCache",
+           "chunk": args.chunk,
+           "how": f"each {args.context}-token window fed in chunks of {args.chunk} tokens through one cache (chunks "
+                  f"2.. attend to the quantized states of earlier ones); bytes = cache contents at window end "
+                  f"(codes, scales, zero points/offsets, small cores, 16-bit window and sinks) vs a 16-bit cache of "
+                  f"the same tokens; baseline = the same chunked evaluation with transformers' DynamicCache",
+           "presets": {k: v for k, v in KV_PRESETS.items() if k in args.kv_kinds},
            "baseline": {"perplexity": base, "seconds": time.perf_counter() - t}, "runs": []}
     print(f"baseline (chunked, DynamicCache) perplexity {base:.3f}", flush=True)
     for bits in args.kv_bits:
@@ -200,7 +202,8 @@ def part_kv(args) -> dict:
             factory = KVCacheFactory(kind, model.config, bits=bits, residual_length=args.residual)
             t = time.perf_counter()
             ppl = _ppl(model, tok, args, chunk=args.chunk, cache_factory=factory)
-            row = {"kind": kind, "bits": bits, "perplexity": ppl, "ppl_ratio": ppl / base,
+            residual = args.residual if args.residual is not None else KV_PRESETS.get(kind, {}).get("residual_length", 16)
+            row = {"kind": kind, "bits": bits, "residual": residual, "perplexity": ppl, "ppl_ratio": ppl / base,
                    "kv_bytes_ratio": factory.bytes_ratio(), "seconds": time.perf_counter() - t}
             out["runs"].append(row)
             print(json.dumps(row), flush=True)
@@ -253,7 +256,6 @@ def part_minilm(args) -> dict:
 
     from mpokit import compress_
     from mpokit.io.models import minilm_path
-    from mpokit.methods import QuantConfig
     from mpokit.surgery import find_targets
 
     path = minilm_path()
@@ -304,17 +306,35 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def print_tables() -> None:
+TABLE_COLUMNS = {
+    "weights": ["peer", "bits", "group", "perplexity", "ppl_ratio", "bits_per_weight", "note"],
+    "kv": ["kind", "bits", "residual", "perplexity", "ppl_ratio", "kv_bytes_ratio"],
+    "abilities": ["weights", "icl_sst2", "cot_arithmetic", "instruction_following"],
+    "minilm": ["peer", "bits", "group", "mean_cosine", "min_cosine", "mean_weight_sqnr_db", "bits_per_weight"],
+}
+
+
+def _markdown(rows: list[dict], cols: list[str]) -> str:
+    from mpokit.cli.common import fmt
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def print_tables(markdown: bool = False) -> None:
     from mpokit.cli.common import print_table
 
-    for part, cols in {"weights": ["peer", "bits", "group", "perplexity", "ppl_ratio", "weight_bytes_ratio", "note"],
-                       "kv": ["kind", "bits", "perplexity", "ppl_ratio", "kv_bytes_ratio"],
-                       "abilities": ["weights", "icl_sst2", "cot_arithmetic", "instruction_following"],
-                       "minilm": ["peer", "bits", "group", "mean_cosine", "min_cosine", "mean_weight_sqnr_db",
-                                  "weight_bytes_ratio"]}.items():
+    for part, cols in TABLE_COLUMNS.items():
         for path in sorted(RESULTS.glob(f"bench_quant_{part}*.json")):
             data = json.loads(path.read_text())
-            print_table(data["runs"], cols, title=f"{path.name}")
+            for r in data["runs"]:  # stored bytes per weight, scales and zero points included (dense: 32)
+                if "weight_bytes_ratio" in r:
+                    r["bits_per_weight"] = 32 * r["weight_bytes_ratio"]
+            if markdown:
+                print(f"\n{path.name}\n\n{_markdown(data['runs'], cols)}")
+            else:
+                print_table(data["runs"], cols, title=f"{path.name}")
 
 
 def main() -> None:
@@ -328,9 +348,9 @@ def main() -> None:
     p.add_argument("--peers", nargs="+", default=["mpokit", "mpokit-float", "mpokit-clip", "quanto", "torchao"])
     p.add_argument("--peer-path", default=None, help="extra folder on sys.path (e.g. a side install of torchao)")
     p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4, 2])
-    p.add_argument("--kv-kinds", nargs="+", default=["decoquant", "rtn", "quanto"])
+    p.add_argument("--kv-kinds", nargs="+", default=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "quanto"])
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--residual", type=int, default=16)
+    p.add_argument("--residual", type=int, default=None, help="16-bit window (default: each preset's)")
     p.add_argument("--ability-group", type=int, default=128)
     p.add_argument("--icl-n", type=int, default=100)
     p.add_argument("--cot-n", type=int, default=30)
@@ -338,6 +358,7 @@ def main() -> None:
     p.add_argument("--minilm-n", type=int, default=872)
     p.add_argument("--suffix", default="", help="results/bench_quant_<part><suffix>.json (e.g. _g64)")
     p.add_argument("--tables-only", action="store_true", help="print the tables of the saved results")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = p.parse_args()
     SUFFIX[0] = args.suffix
     if args.peer_path:
@@ -345,7 +366,7 @@ def main() -> None:
     if not args.tables_only:
         for part in args.parts:
             {"weights": part_weights, "kv": part_kv, "abilities": part_abilities, "minilm": part_minilm}[part](args)
-    print_tables()
+    print_tables(args.markdown)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def test_instruction_scoring(monkeypatch):
         return outs
 
     monkeypatch.setattr(ab, "_generate", follow)
-    assert ab.instruction_following(None, tok, n=9).score == 1.0
+    res = ab.instruction_following(None, tok, n=9)
+    assert res.score == 1.0 and res.chance == pytest.approx(3 / 9)
     monkeypatch.setattr(ab, "_generate", lambda m, t, prompts, *a, **k: ["" for _ in prompts])
     assert ab.instruction_following(None, tok, n=9).score == 0.0
 

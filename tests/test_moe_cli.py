@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mpokit import load_compressed
 from mpokit.cli.main import main

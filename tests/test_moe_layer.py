@@ -111,3 +111,14 @@ def test_spec_round_trip():
     clone.load_state_dict(moe.state_dict())
     x = torch.randn(3, 8, dtype=torch.float64)
     assert torch.equal(clone(x), moe(x)) and clone.spec() == moe.spec()
+
+
+def test_auto_kernel_choice():
+    from mpokit.ops.experts import choose_kernel
+
+    assert choose_kernel(2048, 8, 32) == "loop" and choose_kernel(1, 3, 32) == "loop"
+    assert choose_kernel(16, 8, 32) == "dense"  # every expert busy with ~4 tokens: loop overhead dominates
+    w_in, b_in, w_out = _weights(E=4)
+    x, sel = torch.randn(3, 5, dtype=torch.float64), torch.tensor([[0, 1], [1, 2], [2, 3]])
+    torch.testing.assert_close(run_experts("auto", x, sel, w_in, b_in, w_out, F.silu, True),
+                               run_experts("loop", x, sel, w_in, b_in, w_out, F.silu, True))

@@ -143,3 +143,33 @@ def test_quantized_central_core_costs_most_bytes_saved():
         compress_(m, QuantConfig(bits=4, group_size=32, mpo_cores=which), progress=False)
         sizes[which] = param_bytes(m)
     assert sizes["central"] < sizes["auxiliary"]
+
+
+def test_cli_compress_quant_then_eval_with_kv_cache(tmp_path):
+    import json
+
+    from mpokit.cli.main import main
+    from test_abilities import WORDS, tiny_llama_for, word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_llama_for(tok)
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[3 + i % (len(WORDS) - 3)] for i in range(600)))
+    rc = main(["compress", "--model", str(tmp_path / "dense"), "--method", "quant", "--bits", "3", "--group-size", "16",
+               "--out", str(tmp_path / "q3"), "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["config"]["bits"] == 3 and report["config"]["group_size"] == 16 and report["bytes_ratio"] < 0.2
+    rc = main(["eval", str(tmp_path / "q3"), "--text", str(text), "--tokens", "256", "--context", "128",
+               "--kv-cache", "rtn", "--kv-bits", "4", "--abilities", "--json", str(tmp_path / "e.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["perplexity"] > 1 and 0 < res["kv_bytes_ratio"] < 1 and res["chunk"] == 64
+    assert res["kv_residual"] == 16 and "chunks of 64" in res["kv_eval"]
+    assert set(res["abilities"]) == {"icl_sst2", "cot_arithmetic", "instruction_following"}
+    assert all(0 <= r["score"] <= 1 and r["n"] > 0 for r in res["abilities"].values())
+    with pytest.raises(SystemExit):  # --bits does not apply to MPO methods
+        main(["compress", "--model", str(tmp_path / "dense"), "--method", "mpo-datafree", "--bits", "3",
+              "--out", str(tmp_path / "bad")])

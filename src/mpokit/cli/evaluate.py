@@ -13,10 +13,12 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="tokens to evaluate (default 8192)")
     p.add_argument("--context", type=int, default=512, help="window length (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--kv-cache", default=None, choices=["decoquant", "rtn", "quanto"],
-                   help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces)")
+    p.add_argument("--kv-cache", default=None, choices=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "quanto"],
+                   help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces); "
+                        "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits)")
     p.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (default 4; quanto: 2 or 4)")
-    p.add_argument("--kv-residual", type=int, default=16, help="newest tokens kept in 16 bits (default 16)")
+    p.add_argument("--kv-residual", type=int, default=None,
+                   help="newest tokens kept in 16 bits (default 16; 0 for the -kc caches)")
     p.add_argument("--chunk", type=int, default=None,
                    help="feed each window in pieces of this many tokens through the cache (default 64 with --kv-cache)")
     p.add_argument("--abilities", action="store_true",
@@ -43,7 +45,11 @@ def run(args) -> int:
            "bytes": param_bytes(loaded.model), "chunk": chunk}
     columns = ["model", "corpus", "tokens", "context", "perplexity", "params", "bytes", "seconds"]
     if factory is not None:
-        out.update(kv_cache=args.kv_cache, kv_bits=args.kv_bits, kv_residual=args.kv_residual,
+        from mpokit.layers.kv_cache import KV_PRESETS
+
+        residual = args.kv_residual if args.kv_residual is not None else \
+            KV_PRESETS.get(args.kv_cache, {}).get("residual_length", 16)
+        out.update(kv_cache=args.kv_cache, kv_bits=args.kv_bits, kv_residual=residual,
                    kv_bytes_ratio=factory.bytes_ratio(),
                    kv_eval=f"each window fed in chunks of {chunk} tokens through one cache: later chunks attend "
                            f"to the quantized states of earlier ones; bytes vs a 16-bit cache at window end")

@@ -1,92 +1,33 @@
 """Low-bit KV caches for transformers' generation and evaluation: DecoQuant and plain RTN.
 
 Both store each cached token's key/value row (per head, `head_dim` values) as packed b-bit
-codes with a 16-bit scale and offset per token, keep the `residual_length` most recent tokens
+codes with a 16-bit scale and an 8-bit zero point per token, keep the `residual_length` most recent tokens
 in 16 bits, and quantize a token once, when it leaves that window. DecoQuant first splits
 the rows into a large core (quantized) and a small 16-bit core per layer and head (see
-`mpokit.ops.decoquant`); the small core is fitted on the first tokens quantized. RTN
-quantizes the rows directly: the ablation at the same bits and the same layout.
+`mpokit.ops.decoquant`), fitted once 16 tokens are at hand. RTN quantizes the rows directly:
+the ablation at the same bits and the same layout. Options beyond the paper, used by the
+"-kc" presets: keys quantized per channel over blocks of tokens (KIVI's layout) and a few
+16-bit "sink" tokens at the start of the sequence.
 
-The layers subclass transformers' `BaseQuantizedLayer` (per-token codes can be appended to,
-so there is no KIVI-style re-quantization of the whole cache); the caches subclass `Cache`.
+The layers subclass transformers' `BaseQuantizedLayer` (codes are appended to, never
+re-quantized as in transformers' KIVI-style QuantizedLayer); the caches subclass `Cache`.
+Per-token min/max ranges are refined by a small MSE search over range shrink factors.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
-from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, check_bits, dequantize, pack_bits, quantize, unpack_bits
+from mpokit.ops.kv_quant import PackedTokens, dequantize_tokens, quantize_channels, quantize_tokens
+from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, check_bits
 
-__all__ = ["PackedTokens", "KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes", "make_kv_cache",
-           "KVCacheFactory", "KV_CACHE_KINDS"]
+__all__ = ["KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes", "make_kv_cache",
+           "KVCacheFactory", "KV_CACHE_KINDS", "KV_PRESETS"]
 
-KV_CACHE_KINDS = ("decoquant", "rtn", "quanto")
 MIN_FIT_TOKENS = 16  # DecoQuant's small core is fitted once this many exact tokens are at hand
 KV_CLIP_RATIOS = DEFAULT_CLIP_RATIOS[::2]  # 1.0, 0.95, ..., 0.6: per-token range search at quantize time
 STORE_DTYPE = torch.float16  # residual window, scales, offsets and small cores
-
-
-@dataclass
-class PackedTokens:
-    """Packed low-bit states with a float16 scale and an offset (float16 minimum or uint8 zero point)
-    per group. Per token: packed (B, H, T, ceil(D * bits / 8)), scale/offset (B, H, T). Per channel
-    over blocks of G tokens (block > 1): packed (B, H, T/G, D, ceil(G * bits / 8)), scale/offset
-    (B, H, T/G, D). Dim 2 runs along the sequence either way."""
-
-    packed: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
-    block: int = 1  # tokens per entry along dim 2
-
-    @property
-    def length(self) -> int:
-        return self.packed.shape[2] * self.block
-
-    def cat(self, other: "PackedTokens") -> "PackedTokens":
-        return PackedTokens(*(torch.cat([a, b], dim=2) for a, b in
-                              ((self.packed, other.packed), (self.scale, other.scale), (self.offset, other.offset))),
-                            block=self.block)
-
-    def map(self, fn) -> "PackedTokens":
-        return PackedTokens(fn(self.packed), fn(self.scale), fn(self.offset), block=self.block)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
-
-
-def _quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None, zero_point: bool) -> PackedTokens:
-    b, h, n, d = x.shape
-    q = quantize(x.reshape(-1, d), bits, group_size=d, clip_ratios=clip, zero_point=zero_point)  # a group per row
-    packed = pack_bits(q.codes, bits).reshape(b, h, n, -1)  # (B, H, n, ceil(d*bits/8))
-    return PackedTokens(packed, q.scale.reshape(b, h, n), q.offset.reshape(b, h, n))
-
-
-def _dequantize_tokens(p: PackedTokens, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    if p.block > 1:
-        return _dequantize_channels(p, bits, dtype)
-    b, h, n, _ = p.packed.shape
-    codes = unpack_bits(p.packed.reshape(b * h * n, -1), bits, d)  # (BHn, d)
-    x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, d, dtype=dtype)
-    return x.reshape(b, h, n, d)
-
-
-def _quantize_channels(x: torch.Tensor, bits: int, block: int, clip, zero_point: bool) -> PackedTokens:
-    """Per-channel groups over blocks of `block` tokens (KIVI's key layout); n must be a multiple of block."""
-    b, h, n, d = x.shape
-    cols = x.reshape(b, h, n // block, block, d).transpose(-1, -2)  # (B, H, nb, D, G)
-    q = quantize(cols.reshape(-1, block), bits, group_size=block, clip_ratios=clip, zero_point=zero_point)
-    packed = pack_bits(q.codes, bits).reshape(b, h, n // block, d, -1)  # (B, H, nb, D, ceil(G*bits/8))
-    return PackedTokens(packed, q.scale.reshape(b, h, -1, d), q.offset.reshape(b, h, -1, d), block=block)
-
-
-def _dequantize_channels(p: PackedTokens, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    b, h, nb, d, _ = p.packed.shape
-    codes = unpack_bits(p.packed.reshape(b * h * nb * d, -1), bits, p.block)  # (BH nb D, G)
-    x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, p.block, dtype=dtype)
-    return x.reshape(b, h, nb, d, p.block).transpose(-1, -2).reshape(b, h, nb * p.block, d)
 
 
 class KVQuantLayer(BaseQuantizedLayer):
@@ -104,7 +45,7 @@ class KVQuantLayer(BaseQuantizedLayer):
     """
 
     def __init__(self, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16, alpha: float = 0.5,
-                 clip_search: bool = True, zero_point: bool = False, key_group: int | None = None,
+                 clip_search: bool = True, zero_point: bool = True, key_group: int | None = None,
                  sink_length: int = 0):
         super().__init__()
         if key_group is not None and key_group < 2:
@@ -112,7 +53,7 @@ class KVQuantLayer(BaseQuantizedLayer):
         if sink_length < 0:
             raise ValueError(f"expected sink_length >= 0, got {sink_length}")
         self.key_group, self.sink_length = key_group, sink_length
-        self.zero_point = zero_point  # per-token rows: a float offset (the row minimum) measured better
+        self.zero_point = zero_point  # integer zero points (0 exact): better 2-bit perplexity than float offsets
         check_bits(bits)
         if residual_length < 0:
             raise ValueError(f"expected residual_length >= 0, got {residual_length}")
@@ -157,12 +98,12 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     def _quantize(self, tensor: torch.Tensor, which: str = "k") -> PackedTokens:
         if which == "k" and self.key_group:
-            return _quantize_channels(tensor.float(), self.bits, self.key_group, self.clip, self.zero_point)
-        return _quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip, self.zero_point)
+            return quantize_channels(tensor.float(), self.bits, self.key_group, self.clip, self.zero_point)
+        return quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip, self.zero_point)
 
     def _dequantize(self, q_tensor: PackedTokens, which: str = "k") -> torch.Tensor:
         d = self.head_dim
-        return self._decode(_dequantize_tokens(q_tensor, self.bits, d, torch.float32), which).to(self.dtype)
+        return self._decode(dequantize_tokens(q_tensor, self.bits, d, torch.float32), which).to(self.dtype)
 
     # ---- the Cache layer interface ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -306,7 +247,7 @@ class DecoQuantCache(Cache):
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16,
                  alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None,
-                 zero_point: bool = False, key_group: int | None = None, sink_length: int = 0):
+                 zero_point: bool = True, key_group: int | None = None, sink_length: int = 0):
         if num_layers is None:
             if config is None:
                 raise ValueError("expected a model config or num_layers, got neither")
@@ -326,7 +267,7 @@ class RTNKVCache(DecoQuantCache):
     """Plain round-to-nearest per-token KV quantization: DecoQuant's ablation (no decomposition)."""
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, clip_search: bool = True,
-                 num_layers: int | None = None, zero_point: bool = False, key_group: int | None = None,
+                 num_layers: int | None = None, zero_point: bool = True, key_group: int | None = None,
                  sink_length: int = 0):
         super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers,
                          zero_point=zero_point, key_group=key_group, sink_length=sink_length)
@@ -359,12 +300,26 @@ def kv_cache_bytes(cache) -> tuple[int, int]:
     return held, fp16
 
 
-def make_kv_cache(kind: str, config, bits: int = 4, residual_length: int = 16, **kw) -> Cache:
-    """A fresh cache: "decoquant", "rtn" (mpokit) or "quanto" (transformers' QuantizedCache)."""
-    if kind == "decoquant":
-        return DecoQuantCache(config, bits=bits, residual_length=residual_length, **kw)
-    if kind == "rtn":
-        return RTNKVCache(config, bits=bits, residual_length=residual_length, **kw)
+# Named settings. "decoquant"/"rtn": per-token keys and values (DecoQuant as published, and its
+# ablation), a 16-token 16-bit window. "-kc": keys per channel over 64-token blocks with 4 sink
+# tokens kept in 16 bits and no extra window (partial key blocks wait in 16 bits): much better at 2 bits.
+KV_PRESETS: dict[str, dict] = {
+    "decoquant": {"small_dim": 16, "residual_length": 16},
+    "rtn": {"small_dim": None, "residual_length": 16},
+    "decoquant-kc": {"small_dim": 16, "key_group": 64, "sink_length": 4, "residual_length": 0},
+    "rtn-kc": {"small_dim": None, "key_group": 64, "sink_length": 4, "residual_length": 0},
+}
+KV_CACHE_KINDS = (*KV_PRESETS, "quanto")
+
+
+def make_kv_cache(kind: str, config, bits: int = 4, residual_length: int | None = None, **kw) -> Cache:
+    """A fresh cache: a KV_PRESETS name (mpokit) or "quanto" (transformers' QuantizedCache).
+    residual_length None = the preset's (16; 0 for the -kc presets)."""
+    if kind in KV_PRESETS:
+        settings = {**KV_PRESETS[kind], **kw}
+        if residual_length is not None:
+            settings["residual_length"] = residual_length
+        return DecoQuantCache(config, bits=bits, **settings)
     if kind == "quanto":
         from transformers import QuantizedCache
 
@@ -374,14 +329,14 @@ def make_kv_cache(kind: str, config, bits: int = 4, residual_length: int = 16, *
         text = config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return QuantizedCache("quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=head_dim,
-                              residual_length=residual_length)
+                              residual_length=16 if residual_length is None else residual_length)
     raise ValueError(f"expected a kv cache kind in {KV_CACHE_KINDS}, got {kind!r}")
 
 
 class KVCacheFactory:
     """Callable making a fresh cache per evaluation batch, measuring each one's bytes when the next is made."""
 
-    def __init__(self, kind: str, config, bits: int = 4, residual_length: int = 16, **kw):
+    def __init__(self, kind: str, config, bits: int = 4, residual_length: int | None = None, **kw):
         self.kind, self.config, self.bits, self.residual_length, self.kw = kind, config, bits, residual_length, kw
         self.held = self.fp16 = 0
         self._last = None

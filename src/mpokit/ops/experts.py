@@ -13,7 +13,8 @@ Three kernels, equal up to float rounding:
 - experts_gather: gather every token's own expert weights and use batched
   matrix-vector products. No per-expert loop, but it copies T*k expert matrices.
 - experts_dense: compute every expert and mask: the reference (what the research code
-  did, so it saves nothing).
+  did, so it saves nothing), and the fastest choice when many experts would each get only
+  a few tokens (choose_kernel).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["expert_activation", "experts_loop", "experts_gather", "experts_dense", "run_experts", "KERNELS"]
+__all__ = ["expert_activation", "experts_loop", "experts_gather", "experts_dense", "run_experts", "choose_kernel",
+           "KERNELS"]
 
 
 def expert_activation(h: torch.Tensor, act: Callable, gated: bool) -> torch.Tensor:
@@ -96,15 +98,23 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {"loop": experts_loop, "gather
                                                    "dense": experts_dense}
 
 
-def run_experts(mode: str, x, sel, w_in, b_in, w_out, act, gated, scale=None) -> torch.Tensor:
-    """Dispatch by mode: "auto", "loop", "gather" or "dense".
+def choose_kernel(tokens: int, top_k: int, num_experts: int) -> str:
+    """"loop" unless many experts would each run on only a few tokens, where the per-expert
+    overhead of the loop costs more than computing every expert ("dense").
 
-    "auto" is the loop: on the 2-core CPU it was measured (bench/bench_moe.py --kernels) as
-    fastest from 1 token to 2048 tokens; the gathers copy T*k expert matrices and lose even
-    for a single token.
+    Measured on the 2-core CPU (bench/bench_moe.py --kernels, SmolLM2 shapes, E=32): the loop
+    wins at 128+ tokens and at small k; "dense" wins from 4 to 16 tokens at k >= 8 and for a
+    single token at k = 16; the gathers never win.
     """
+    active = num_experts * (1 - (1 - top_k / num_experts) ** tokens)  # expected distinct experts
+    crowded = tokens * top_k <= 8 * num_experts and top_k >= 0.2 * num_experts
+    return "dense" if crowded and active >= num_experts / 2 else "loop"
+
+
+def run_experts(mode: str, x, sel, w_in, b_in, w_out, act, gated, scale=None) -> torch.Tensor:
+    """Dispatch by mode: "auto" (choose_kernel), "loop", "gather" or "dense"."""
     if mode == "auto":
-        mode = "loop"
+        mode = choose_kernel(sel.shape[0], sel.shape[1], w_in.shape[0])
     if mode not in KERNELS:
         raise ValueError(f"expected forward mode in {['auto', *KERNELS]}, got {mode!r}")
     return KERNELS[mode](x, sel, w_in, b_in, w_out, act, gated, scale)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import re
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
