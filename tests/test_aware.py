@@ -6,10 +6,11 @@ import torch
 
 from mpokit import compress_, load_compressed, save_compressed, unload_
 from mpokit.calibration import collect_input_stats, stream_blocks
+from mpokit.calibration.fisher import collect_output_fisher
 from mpokit.methods import AwareConfig
 from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, allocate_uniform
 from mpokit.methods.aware.refine import mpo_candidate
-from mpokit.ops.whiten import output_error, scaled_svd, whitened_svd, whitening_factor
+from mpokit.ops.whiten import output_error, output_factor, scaled_svd, whitened_svd, whitening_factor
 from mpokit.surgery import find_targets
 from conftest import tiny_llama
 
@@ -38,6 +39,56 @@ def test_whitened_svd_error_identity_and_beats_plain_svd():
         plain = lowrank(pu, ps, pvt, r)
         assert output_error(w, m, gram) < output_error(w, plain, gram)  # negative control: plain SVD is worse
     assert torch.allclose(lowrank(u, s, vt, 40), w, atol=1e-8)  # full rank recovers W
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_two_sided_svd_error_identity_and_beats_input_only(diagonal):
+    x = correlated_inputs()
+    g = correlated_inputs(n=500, d=40, seed=1)  # output-side "gradients", anisotropic too
+    w = torch.randn(40, 48, dtype=torch.float64)
+    s_in = whitening_factor(x.T @ x, damp=0.0)
+    gram_out = g.T @ g
+    left = output_factor(torch.diagonal(gram_out) if diagonal else gram_out, damp=0.0)
+    weight_out = torch.diag(left ** 2) if diagonal else gram_out
+    # G's scale is kept (global allocation compares layers in loss units)
+    scaled = output_factor(4 * (torch.diagonal(gram_out) if diagonal else gram_out), damp=0.0)
+    assert torch.allclose(scaled, 2 * left, rtol=1e-6)
+
+    def two_sided(m):  # sqrt(tr(G_out D C D^T)), D = W - M
+        d = w - m
+        return float(torch.einsum("ab,bi,ij,aj->", weight_out, d, x.T @ x, d).clamp_min(0).sqrt())
+
+    u, s, vt = whitened_svd(w, s_in, left)
+    iu, is_, ivt = whitened_svd(w, s_in)
+    for r in (4, 12, 30):
+        assert two_sided(lowrank(u, s, vt, r)) == pytest.approx(float(s[r:].norm()), rel=1e-6)
+        assert two_sided(lowrank(u, s, vt, r)) < two_sided(lowrank(iu, is_, ivt, r))  # input-only is worse here
+    assert torch.allclose(lowrank(u, s, vt, 40), w, atol=1e-8)
+
+
+def test_output_fisher_equals_autograd_and_leaves_model_untouched():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
+    batches = [torch.randint(0, 128, (1, 16)) for _ in range(2)]
+    fisher = collect_output_fisher(model, names, batches, full_max=64, progress=False)
+    outs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.setdefault(n, []).append(o))
+             for n in names]
+    expect = {n: 0 for n in names}
+    for b in batches:
+        outs.clear()
+        out = model(input_ids=b, labels=b)
+        grads = torch.autograd.grad(out.loss * b.numel(), [outs[n][0] for n in names])
+        for n, gr in zip(names, grads):
+            gr = gr.reshape(-1, gr.shape[-1])
+            expect[n] = expect[n] + (gr.T @ gr if gr.shape[1] <= 64 else (gr ** 2).sum(0))
+    for h in hooks:
+        h.remove()
+    assert fisher[names[0]].shape == (64, 64) and fisher[names[1]].dim() == 1  # gate is wider than full_max
+    for n in names:
+        assert torch.allclose(fisher[n], expect[n], rtol=1e-4, atol=1e-7), n
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_scaled_svd_full_rank_recovers():
@@ -99,6 +150,7 @@ def test_stream_blocks_matches_whole_model_statistics():
 @pytest.mark.parametrize("config", [
     AwareConfig(budget=0.6),
     AwareConfig(budget=0.6, allocation="uniform"),
+    AwareConfig(budget=0.6, sensitivity="none"),
     AwareConfig(budget=0.6, scaling="diag"),
     AwareConfig(budget=0.6, scaling="none"),
     AwareConfig(budget=0.6, layouts=("lowrank", "mpo"), refine_steps=5),
@@ -124,14 +176,15 @@ def test_aware_beats_datafree_svd_on_output_error():
     ref_model = tiny_llama()
     batches = [torch.randint(0, 128, (1, 32)) for _ in range(8)]
     x = torch.cat(batches[:2], 1)
-    ref = ref_model(x).logits
+    ref = ref_model(x).logits.detach()
     errors = {}
     for scaling in ("none", "whiten"):
         model = tiny_llama()
         model.load_state_dict(ref_model.state_dict())
-        compress_(model, AwareConfig(budget=0.5, scaling=scaling, allocation="uniform"), batches=batches,
+        compress_(model, AwareConfig(budget=0.5, scaling=scaling, sensitivity="none", allocation="uniform"),
+                  batches=batches,
                   progress=False)
-        errors[scaling] = float((model(x).logits - ref).norm() / ref.norm())
+        errors[scaling] = float((model(x).logits.detach() - ref).norm() / ref.norm())
     assert errors["whiten"] < errors["none"]
 
 
@@ -154,3 +207,5 @@ def test_aware_rejects_embeddings_and_needs_tokenizer():
         AwareConfig(budget=1.5)
     with pytest.raises(ValueError, match="scaling"):
         AwareConfig(scaling="magic")
+    with pytest.raises(ValueError, match="sensitivity"):
+        AwareConfig(sensitivity="hessian")

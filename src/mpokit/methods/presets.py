@@ -20,16 +20,19 @@ from mpokit.methods.share.config import ShareConfig
 __all__ = ["PRESETS", "build_config", "needs_calibration"]
 
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
-    # activation-aware, global allocation, low-rank or 3-core MPO per layer (the default)
+    # activation-aware with loss sensitivity (K-FAC), global allocation, low-rank or 3-core MPO (the default)
     "mpo": (AwareConfig, {"layouts": ("lowrank", "mpo")}),
     "aware-lowrank": (AwareConfig, {"layouts": ("lowrank",)}),
+    # ablations: input weighting only, global allocation by relative output error
+    "aware-global": (AwareConfig, {"layouts": ("lowrank", "mpo"), "sensitivity": "none", "error_norm": "relative"}),
     # baselines
-    "aware-global": (AwareConfig, {"layouts": ("lowrank", "mpo"), "allocation": "global", "error_norm": "relative"}),
-    "whitened-svd": (AwareConfig, {"scaling": "whiten", "allocation": "uniform", "correct": False}),  # SVD-LLM
-    "asvd": (AwareConfig, {"scaling": "diag", "allocation": "uniform"}),  # ASVD
-    "svd": (AwareConfig, {"scaling": "none", "allocation": "uniform"}),  # plain truncated SVD
+    "whitened-svd": (AwareConfig, {"scaling": "whiten", "sensitivity": "none", "allocation": "uniform",
+                                   "correct": False}),  # SVD-LLM
+    "asvd": (AwareConfig, {"scaling": "diag", "sensitivity": "none", "allocation": "uniform"}),  # ASVD
+    "svd": (AwareConfig, {"scaling": "none", "sensitivity": "none", "allocation": "uniform"}),  # plain truncated SVD
     "mpo-datafree": (MPOConfig, {"num_cores": 3}),  # TT-SVD of the raw weights
     "quant": (QuantConfig, {}),  # group-wise low-bit weights (--bits, --group-size)
+    "gptq": (QuantConfig, {"algorithm": "gptq"}),  # the same, GPTQ on calibration text (--calibration)
     # experts and sharing
     "moefication": (MoEficationConfig, {}),  # FFN -> experts + trained router, top-k computed (--experts, --top-k)
     "mpoe": (MPOEConfig, {}),  # FFN upcycled to MPO experts sharing central cores (--experts, --top-k)

@@ -3,12 +3,14 @@
 With G = X^T X the output error of a replacement M is ||(W - M) S||_F^2 where S S^T = G
 (Cholesky). Truncating the SVD of W S and mapping back with S^{-1} is optimal among
 rank-r matrices for that error; the discarded singular values give the error exactly.
+An output-side factor R (R^T R = G_out, e.g. the K-FAC gradient factor) weights the rows
+as well: truncating R W S minimizes ||R (W - M) S||_F, again exactly.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["whitening_factor", "whitened_svd", "scaled_svd", "output_error"]
+__all__ = ["whitening_factor", "output_factor", "apply_left", "whitened_svd", "scaled_svd", "output_error"]
 
 
 def whitening_factor(gram: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
@@ -24,17 +26,38 @@ def whitening_factor(gram: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
     raise ValueError("expected a positive semi-definite Gram matrix, got one whose Cholesky factorization failed")
 
 
-def whitened_svd(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of W S: returns (U, sigma, Vt_unwhitened) with W = U diag(sigma) Vt_unwhitened.
+def output_factor(sensitivity: torch.Tensor, damp: float = 1e-2) -> torch.Tensor:
+    """Row weighting from output-side second moments G: an upper-triangular R with
+    R^T R = G + damp*mean(diag G)*I (G given as an (out, out) matrix), or the vector
+    sqrt(diag G + damp*mean) (G given as its diagonal). G's scale is kept: it is what makes
+    errors of different layers comparable (in loss units) for a global allocation."""
+    g = sensitivity.double()
+    if g.dim() == 1:
+        return (g + damp * g.mean().clamp_min(1e-30)).sqrt()
+    return whitening_factor(g, damp).T
 
-    Any leading r terms give the rank-r M minimizing ||(W - M) S||_F; the error is
-    ||sigma[r:]||.
+
+def apply_left(left: torch.Tensor | None, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """R x or R^-1 x for an output factor R (vector = diagonal, matrix = upper triangular)."""
+    if left is None:
+        return x
+    if left.dim() == 1:
+        return x / left[:, None] if inverse else x * left[:, None]
+    return torch.linalg.solve_triangular(left, x, upper=True) if inverse else left @ x
+
+
+def whitened_svd(weight: torch.Tensor, factor: torch.Tensor, left: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of R W S: returns (U, sigma, Vt) with W = U diag(sigma) Vt (U = R^-1 U_w, Vt = Vh S^-1).
+
+    Any leading r terms give the rank-r M minimizing ||R (W - M) S||_F; the error is
+    ||sigma[r:]||. R (`left`, see output_factor) defaults to the identity.
     """
-    w = weight.double()
+    w = apply_left(left, weight.double())
     u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
     # Vt_unwhitened = Vh S^{-1}  <=>  S^T Vt_unwhitened^T = Vh^T
     vt = torch.linalg.solve_triangular(factor.T, vh.T, upper=True).T
-    return u, s, vt
+    return apply_left(left, u, inverse=True), s, vt
 
 
 def scaled_svd(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 
 from mpokit.layers.mpo import MPOLinear, make_layout
 from mpokit.ops.tt import pad_matrix, tt_svd_to_budget, tt_to_matrix
+from mpokit.ops.whiten import apply_left
 
 __all__ = ["reduced_factor", "refine_mpo", "mpo_candidate"]
 
@@ -26,17 +27,19 @@ def reduced_factor(factor: torch.Tensor, energy: float = 0.999, max_rank: int = 
     return u[:, :q] * s[:q]
 
 
-def refine_mpo(cores: list[torch.Tensor], weight: torch.Tensor, factor: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """L-BFGS on ||(MPO(cores)[:O, :I] - W) R||^2 in float32; returns refined cores."""
+def refine_mpo(cores: list[torch.Tensor], weight: torch.Tensor, factor: torch.Tensor, steps: int,
+               left: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """L-BFGS on ||L (MPO(cores)[:O, :I] - W) R||^2 in float32 (L = left, default I); returns refined cores."""
     o, i = weight.shape
     r = reduced_factor(factor).float()  # (I, q)
-    target = weight.float() @ r  # (O, q)
+    left = None if left is None else left.float()
+    target = apply_left(left, weight.float() @ r)  # (O, q)
     params = [c.detach().float().clone().contiguous().requires_grad_(True) for c in cores]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = ((tt_to_matrix(params)[:o, :i] @ r - target) ** 2).sum()
+        loss = ((apply_left(left, tt_to_matrix(params)[:o, :i] @ r) - target) ** 2).sum()
         loss.backward()
         return loss
 
@@ -45,14 +48,15 @@ def refine_mpo(cores: list[torch.Tensor], weight: torch.Tensor, factor: torch.Te
     return [p.detach() for p in params]
 
 
-def _weighted_rel_error(approx: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor) -> float:
+def _weighted_rel_error(approx: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor, left=None) -> float:
     w = weight.double()
-    return float(torch.linalg.matrix_norm((approx.double() - w) @ factor) / torch.linalg.matrix_norm(w @ factor))
+    err = apply_left(left, (approx.double() - w) @ factor)
+    return float(torch.linalg.matrix_norm(err) / torch.linalg.matrix_norm(apply_left(left, w @ factor)))
 
 
 def mpo_candidate(weight: torch.Tensor, factor: torch.Tensor, params: int, lowrank_error: float, steps: int,
-                  forward_mode: str = "auto") -> tuple[MPOLinear, float] | None:
-    """A refined 3-core MPO with <= params parameters, if its weighted error beats lowrank_error."""
+                  forward_mode: str = "auto", left: torch.Tensor | None = None) -> tuple[MPOLinear, float] | None:
+    """A refined 3-core MPO with <= params parameters, if its (two-sided) weighted error beats lowrank_error."""
     o, i = weight.shape
     od, idd = make_layout(o, i, 3)
     padded = pad_matrix(weight.detach(), math.prod(od), math.prod(idd))
@@ -60,8 +64,8 @@ def mpo_candidate(weight: torch.Tensor, factor: torch.Tensor, params: int, lowra
         cores, _ = tt_svd_to_budget(padded, od, idd, params)
     except ValueError:  # budget below the smallest 3-core MPO
         return None
-    cores = refine_mpo(cores, weight, factor, steps)
-    err = _weighted_rel_error(tt_to_matrix(cores)[:o, :i], weight, factor)
+    cores = refine_mpo(cores, weight, factor, steps, left)
+    err = _weighted_rel_error(tt_to_matrix(cores)[:o, :i], weight, factor, left)
     if not err < lowrank_error:
         return None
     layer = MPOLinear(i, o, od, idd, [c.shape[-1] for c in cores[:-1]], bias=False, forward_mode=forward_mode,

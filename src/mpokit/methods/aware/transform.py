@@ -1,7 +1,10 @@
 """Activation-aware compression: weighted spectra -> global allocation -> sequential factorization.
 
-Pass 1 streams calibration through the blocks and records each layer's weighted
-singular values. The budget is then allocated across layers. Pass 2 streams again and
+Pass 0 (sensitivity="fisher") runs one backward pass of the LM loss and keeps each
+layer's output-gradient second moments G, so that layer errors are weighted on both
+sides, ||R (W - M) S|| with R^T R = G and S S^T = X^T X: a K-FAC estimate of the loss
+increase, comparable across layers. Pass 1 streams calibration through the blocks and
+records each layer's weighted singular values. The budget is then allocated across layers. Pass 2 streams again and
 factorizes each block with statistics of the inputs the already-compressed blocks
 produce, so errors of earlier layers are seen (and partly absorbed) by later ones.
 """
@@ -11,13 +14,14 @@ import torch
 from torch import nn
 
 from mpokit.calibration.blocks import stream_blocks
+from mpokit.calibration.fisher import collect_output_fisher
 from mpokit.calibration.stats import InputStats, calibration_batches, collect_input_stats
 from mpokit.layers.mpo import MPOLinear
 from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, allocate_uniform
 from mpokit.methods.aware.config import AwareConfig
 from mpokit.methods.aware.refine import mpo_candidate
 from mpokit.methods.base import LayerRecord, Report, register
-from mpokit.ops.whiten import scaled_svd, whitened_svd, whitening_factor
+from mpokit.ops.whiten import apply_left, output_factor, scaled_svd, whitened_svd, whitening_factor
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.surgery.targets import find_targets, weight_matrix
 
@@ -33,22 +37,37 @@ def _input_scale(config: AwareConfig, stats: InputStats | None, name: str):
     return "whiten", whitening_factor(stats.gram(name), config.damp)
 
 
-def weighted_factors(weight: torch.Tensor, kind: str, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """W = U diag(sigma) Vt, with sigma the singular values of the weighted W."""
+def weighted_factors(weight: torch.Tensor, kind: str, scale, left: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W = U diag(sigma) Vt, with sigma the singular values of the weighted W (R W S, R = left)."""
     if kind == "whiten":
-        return whitened_svd(weight, scale)
-    if kind == "diag":
-        return scaled_svd(weight, scale)
-    return torch.linalg.svd(weight.double(), full_matrices=False)
+        return whitened_svd(weight, scale, left)
+    w = apply_left(left, weight.double())
+    u, s, vt = scaled_svd(w, scale) if kind == "diag" else torch.linalg.svd(w, full_matrices=False)
+    return apply_left(left, u, inverse=True), s, vt
 
 
-def _weighted_sigma(weight, kind, scale) -> torch.Tensor:
-    w = weight.double()
+def _weighted_sigma(weight, kind, scale, left=None) -> torch.Tensor:
+    w = apply_left(left, weight.double())
     if kind == "whiten":
         w = w @ scale
     elif kind == "diag":
         w = w * scale.double()
     return torch.linalg.svdvals(w)
+
+
+def _output_factors(model, config: AwareConfig, names: list[str], batches) -> dict[str, torch.Tensor]:
+    """name -> R (see ops.whiten.output_factor), float32 to halve what is held for all layers."""
+    if config.sensitivity == "none":
+        return {}
+    used, count = [], 0
+    for b in batches:  # the first fisher_tokens of the calibration text
+        if count >= config.fisher_tokens:
+            break
+        used.append(b)
+        count += b.numel()
+    fisher = collect_output_fisher(model, names, used, full_max=config.fisher_full_max)
+    return {n: output_factor(fisher.pop(n), config.fisher_damp).float() for n in names}
 
 
 def _lowrank_layer(module: nn.Module, u, s, vt, rank: int, forward_mode: str) -> MPOLinear:
@@ -94,17 +113,27 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
     if embeddings:
         raise ValueError(f"expected linear layers for activation-aware compression, got embeddings {embeddings}; "
                          "use MPOConfig (data-free) for embeddings")
-    needs_data = config.scaling != "none"
+    needs_data = config.needs_calibration
     batches = _calibration(config, tokenizer, calibration_text, batches) if needs_data else None
+    lefts = _output_factors(model, config, names, batches)
+
+    def left(n):
+        return lefts[n].double() if n in lefts else None
+
     spectra: dict[str, LayerSpectrum] = {}
 
     def record_spectra(_, local, stats):
         for n in local:
             w = weight_matrix(get_module(model, n)).detach()
-            spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], _weighted_sigma(w, *_input_scale(config, stats, n)))
+            sigma = _weighted_sigma(w, *_input_scale(config, stats, n), left(n))
+            spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], sigma)
         return False
 
-    if needs_data:
+    if config.allocation == "uniform":  # ranks follow from shapes alone: no spectra pass
+        for n in names:
+            w = weight_matrix(get_module(model, n))
+            spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], torch.empty(0))
+    elif needs_data:
         _stream(model, names, batches, record_spectra, progress, "spectra")
     else:
         record_spectra(None, names, None)
@@ -131,12 +160,13 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
                 eye = torch.eye(gram.shape[0], dtype=gram.dtype)
                 ridge = torch.linalg.cholesky(gram + lam * eye)
                 w = torch.cholesky_solve((cross + lam * eye).T @ w.double().T, ridge).T.to(w.dtype)
-            u, s, vt = weighted_factors(w, kind, scale)
+            u, s, vt = weighted_factors(w, kind, scale, left(n))
             r = ranks[n]
             err = float((s[r:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt().clamp_min(1e-30))
             new, layout = _lowrank_layer(module, u, s, vt, r, config.forward_mode), "lowrank"
             if "mpo" in config.layouts and kind == "whiten" and w.shape[1] >= config.mpo_min_in_ratio * w.shape[0]:
-                cand = mpo_candidate(w, scale, new.core_params(), err, config.refine_steps, config.forward_mode)
+                cand = mpo_candidate(w, scale, new.core_params(), err, config.refine_steps, config.forward_mode,
+                                     left=left(n))
                 if cand is not None:
                     (new, err), layout = cand, "mpo"
                     new.orig_type = type(module).__name__
@@ -154,5 +184,5 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
     else:
         compress_block(None, names, None)
     report.extra.update(calibration_tokens=sum(b.numel() for b in batches) if batches else 0,
-                        dense_layers=sum(r is None for r in ranks.values()))
+                        dense_layers=sum(r is None for r in ranks.values()), sensitivity=config.sensitivity)
     return report
