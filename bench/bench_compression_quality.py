@@ -6,6 +6,7 @@ per run. All runs share the same calibration text (WikiText-2 valid) and test te
 
     python bench/bench_compression_quality.py                       # full table (long)
     python bench/bench_compression_quality.py --budgets 0.8 --methods mpo whitened-svd
+    python bench/bench_compression_quality.py --jobs 2 --threads 1  # two rows at a time
 
 Writes results/compression_quality.json and results/compression_quality.png.
 """
@@ -16,6 +17,7 @@ import json
 import math
 import resource
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 from pathlib import Path
@@ -122,6 +124,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="rows run in parallel processes")
     p.add_argument("--out", default=str(ROOT / "results" / "compression_quality.json"))
     p.add_argument("--one", nargs=2, metavar=("METHOD", "BUDGET"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,17 +134,25 @@ def main() -> None:
     from mpokit.cli.common import print_table
 
     jobs = [("dense", 1.0)] + [(m, b) for b in args.budgets for m in args.methods]
-    rows = []
-    for method, budget in jobs:
+
+    def run(job):
+        method, budget = job
         cmd = [sys.executable, __file__, "--one", method, str(budget), "--tokens", str(args.tokens),
                "--calibration-tokens", str(args.calibration_tokens), "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
             print(f"{method} @ {budget} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[0][7:]))
-        print(f"{method:>16} @ {budget}: ppl {rows[-1]['perplexity']:.4g}  ({rows[-1]['compress_s']:.0f} s)", flush=True)
+            return None
+        row = json.loads(line[0][7:])
+        row["parallel_jobs"] = args.jobs
+        print(f"{method:>16} @ {budget}: ppl {row['perplexity']:.4g}  ({row['compress_s']:.0f} s)", flush=True)
+        return row
+
+    # --jobs > 1 runs rows side by side (each process keeps --threads threads): faster overall,
+    # but each row's compress time and memory bandwidth then share the machine.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = [r for r in pool.map(run, jobs) if r is not None]
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), math.nan)
     for r in rows:
         r["ppl_over_dense"] = r["perplexity"] / dense

@@ -6,7 +6,8 @@ same invocation, so every ratio compares numbers measured side by side):
              from a Q4_1 GGUF, groups of 32, where 4-bit re-quantization is lossless by
              construction); mpokit (RTN, integer zero points), its ablations mpokit-float (16-bit
              float offset = group minimum, as quanto stores) and mpokit-clip (MSE clip search),
-             optimum-quanto, torchao (when importable); WikiText-2 test perplexity, weight bytes.
+             optimum-quanto, torchao (when importable), and gptq (mpokit's GPTQ, calibrated on the
+             first --calib-tokens tokens of WikiText-2 valid); WikiText-2 test perplexity, weight bytes.
   kv         KV cache at 8/4/2 bits: DecoQuant (per-token, as published), RTN (ablation), the
              -kc variants (keys per channel in 64-token blocks + 4 sink tokens), transformers
              QuantizedCache (quanto backend); each 512-token window is fed in chunks of 64 tokens
@@ -121,17 +122,19 @@ def quantize_torchao(model, names, bits: int, group: int) -> str:
 
 
 def mpokit_config(peer: str, bits: int, group: int, **kw):
-    """mpokit: RTN with integer zero points; the ablations swap in a float offset (the group minimum,
-    as quanto stores) or the MSE clip search."""
+    """mpokit: RTN with integer zero points; gptq: the same grid, GPTQ on calibration text; the
+    ablations swap in a float offset (the group minimum, as quanto stores) or the MSE clip search."""
     from mpokit.methods import QuantConfig
 
-    extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True}}.get(peer, {})
+    extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True},
+             "gptq": {"algorithm": "gptq"}}.get(peer, {})
     return QuantConfig(bits=bits, group_size=group, **extra, **kw)
 
 
 def part_weights(args) -> dict:
     from mpokit import compress_, load_model
     from mpokit.eval.size import param_bytes
+    from mpokit.methods import QuantConfig
     from mpokit.surgery import find_targets
 
     loaded = load_model(None)
@@ -145,7 +148,10 @@ def part_weights(args) -> dict:
                      "model_bytes": param_bytes(dense), "seconds": time.perf_counter() - t},
            "runs": []}
     print(f"dense perplexity {base:.3f}", flush=True)
-    peers = ["mpokit", "mpokit-float", "mpokit-clip", "quanto"] + (["torchao"] if _has("torchao") else [])
+    args.calib_context = args.calib_context or QuantConfig().calibration_context
+    calib = {"tokenizer": tok, "calibration_text": (DATA / "wikitext-2" / "valid.txt").read_text()}
+    out["gptq_calibration"] = f"WikiText-2 valid, first {args.calib_tokens} tokens, windows of {args.calib_context}"
+    peers = ["mpokit", "gptq", "mpokit-float", "mpokit-clip", "quanto"] + (["torchao"] if _has("torchao") else [])
     peers = [p for p in peers if p in args.peers]
     for group in args.groups:
         for bits in args.bits:
@@ -155,11 +161,17 @@ def part_weights(args) -> dict:
                 model = copy.deepcopy(dense)
                 t = time.perf_counter()
                 note = ""
-                if peer.startswith("mpokit"):
-                    rep = compress_(model, mpokit_config(peer, bits, group), progress=False)
+                if peer.startswith("mpokit") or peer == "gptq":
+                    calib_size = {"calibration_tokens": args.calib_tokens, "calibration_context": args.calib_context}
+                    cfg = mpokit_config(peer, bits, group, **(calib_size if peer == "gptq" else {}))
+                    rep = compress_(model, cfg, progress=False, **(calib if peer == "gptq" else {}))
                     sqnr = sum(r.detail["sqnr_db"] for r in rep.layers) / len(rep.layers)
                     groups = sorted({r.detail["group_size"] for r in rep.layers})
                     note = f"groups {groups}, mean layer SQNR {sqnr:.2f} dB"
+                    if peer == "gptq":
+                        out_err = [r.detail["output_rel_error"] / r.detail["rtn_output_rel_error"] for r in rep.layers]
+                        note += (f", {rep.extra['calibration_tokens']} calibration tokens, layer output error "
+                                 f"{sum(out_err) / len(out_err):.2f}x RTN's (mean)")
                 elif peer == "quanto":
                     note = quantize_quanto(model, names, bits, group)
                 else:
@@ -345,7 +357,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[128, 64])
-    p.add_argument("--peers", nargs="+", default=["mpokit", "mpokit-float", "mpokit-clip", "quanto", "torchao"])
+    p.add_argument("--peers", nargs="+", default=["mpokit", "gptq", "mpokit-float", "mpokit-clip", "quanto", "torchao"])
+    p.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ calibration tokens (WikiText-2 valid)")
+    p.add_argument("--calib-context", type=int, default=None, help="GPTQ calibration window (default: QuantConfig's)")
     p.add_argument("--peer-path", default=None, help="extra folder on sys.path (e.g. a side install of torchao)")
     p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4, 2])
     p.add_argument("--kv-kinds", nargs="+", default=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "quanto"])

@@ -224,3 +224,15 @@ def test_cli_finetune_recover_compressed_checkpoint(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     cores = sum(p.numel() for n, p in loaded.model.named_parameters() if ".cores." in n)
     assert r["trainable_params"] == cores and r["perplexity"] > 1
+
+
+def test_fit_time_limit_and_grad_accum(tmp_path):
+    model = tiny_llama()
+    ds = TextWindows(Tok(), TEXT, seq_len=16)
+    full = fit(model, ds, str(tmp_path / "a"), max_steps=3, batch_size=2, grad_accum=2, lr=1e-3,
+               lr_scheduler="cosine", warmup_steps=1)
+    assert full.global_step == 3 and not full.stopped_by_time and full.seconds > 0  # negative control
+    cut = fit(model, ds, str(tmp_path / "b"), max_steps=50, batch_size=2, lr=1e-3, max_minutes=1e-6)
+    assert cut.global_step == 1 and cut.stopped_by_time
+    with pytest.raises(ValueError, match="grad_accum"):
+        fit(model, ds, str(tmp_path / "c"), max_steps=1, grad_accum=0)

@@ -13,7 +13,8 @@ def add_arguments(p) -> None:
     p.add_argument("--method", required=True, choices=METHODS,
                    help="mpop: auxiliary cores only; recover: all MPO cores of a compressed model; opf: expand "
                         "selected weights to long MPOs, train, contract back; opdf: opf + distillation from "
-                        "--teacher; lora: PEFT LoRA; full: every parameter")
+                        "--teacher; lora: PEFT LoRA (on the MPO layers of a compressed model); full: every "
+                        "parameter; kd: every parameter, loss mixes labels and --teacher logits")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="lm: training text file; sst2: folder with train.tsv/dev.tsv")
     p.add_argument("--max-steps", type=int, required=True)
@@ -36,10 +37,18 @@ def add_arguments(p) -> None:
     p.add_argument("--select", default="fisher", choices=["fisher", "stable-rank"], help="opf/opdf layer choice")
     p.add_argument("--opf-count", type=int, default=4, help="opf/opdf: how many weights to expand")
     p.add_argument("--opf-extra", type=int, default=2, help="opf/opdf: inserted r x r cores per weight")
-    p.add_argument("--teacher", default=None, help="opdf: teacher model (same task)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opdf: KD weight")
+    p.add_argument("--teacher", default=None, help="opdf/kd: teacher model (same task)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opdf/kd: KD weight")
     p.add_argument("--beta", type=float, default=1.0, help="opdf: tensor constraint weight")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated module names for LoRA (default: per model; every MPO layer when compressed)")
+    p.add_argument("--scheduler", default="linear", help="LR schedule (transformers name: linear, cosine, ...)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop training after this many wall-clock minutes (schedule still follows --max-steps)")
 
 
 def run(args) -> int:
@@ -52,10 +61,12 @@ def run(args) -> int:
         seed=args.seed, save_steps=args.save_steps, resume=args.resume, num_cores=args.num_cores,
         squeeze_bond=args.squeeze_bond, squeeze_steps=args.squeeze_steps, select=args.select,
         opf_count=args.opf_count, opf_extra=args.opf_extra, teacher=args.teacher, alpha=args.alpha, beta=args.beta,
-        lora_rank=args.lora_rank)
+        lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
+        scheduler=args.scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_accum=args.grad_accum, max_minutes=args.max_minutes)
     out = finetune(opts)
     metric = "accuracy" if args.task == "sst2" else "perplexity"
     print_table([out], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", metric,
-                        "seconds"])
+                        "train_seconds", "seconds"])
     emit_json(args.json, out)
     return 0

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpokit.ops.quant import SCALE_DTYPE, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
+from mpokit.ops.quant import SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
 
 __all__ = ["QuantLinear", "QuantizedTensor"]
 
@@ -38,7 +38,18 @@ class QuantizedTensor(nn.Module):
     def set_from(self, matrix: torch.Tensor, clip_ratios: tuple[float, ...] | None = None) -> None:
         if tuple(matrix.shape) != (self.rows, self.cols):
             raise ValueError(f"expected a ({self.rows}, {self.cols}) matrix, got {tuple(matrix.shape)}")
-        q = quantize(matrix, self.bits, self.group_size, self.symmetric, clip_ratios, self.zero_point)
+        self.set_quantized(quantize(matrix, self.bits, self.group_size, self.symmetric, clip_ratios,
+                                    self.zero_point))
+
+    @torch.no_grad()
+    def set_quantized(self, q: Quantized) -> None:
+        """Store codes computed elsewhere (e.g. by GPTQ) in this tensor's layout."""
+        layout = (q.bits, q.group_size, q.offset is None, q.offset is not None and q.offset.dtype == torch.uint8)
+        if tuple(q.codes.shape) != (self.rows, self.cols) or layout != (self.bits, self.group_size, self.symmetric,
+                                                                         self.zero_point):
+            raise ValueError(f"expected codes ({self.rows}, {self.cols}) with bits={self.bits}, group_size="
+                             f"{self.group_size}, symmetric={self.symmetric}, zero_point={self.zero_point}; got "
+                             f"{tuple(q.codes.shape)} with (bits, group, symmetric, zero_point) = {layout}")
         self.packed = pack_bits(q.codes.reshape(-1), self.bits)  # (ceil(rows*cols*bits/8),)
         self.scale = q.scale
         if not self.symmetric:
@@ -102,6 +113,19 @@ class QuantLinear(nn.Module):
         layer = cls(in_f, out_f, bits, group_size, symmetric, bias=bias is not None, cache_weight=cache_weight,
                     zero_point=zero_point, device=weight.device, dtype=weight.dtype)
         layer.qweight.set_from(weight, clip_ratios)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_quantized(cls, q: Quantized, bias: torch.Tensor | None = None, *, cache_weight: bool = False,
+                       dtype=None) -> "QuantLinear":
+        """A layer holding codes computed elsewhere (GPTQ), in the same packed layout."""
+        out_f, in_f = q.codes.shape
+        symmetric, zero_point = q.offset is None, q.offset is not None and q.offset.dtype == torch.uint8
+        layer = cls(in_f, out_f, q.bits, q.group_size, symmetric, bias=bias is not None, cache_weight=cache_weight,
+                    zero_point=zero_point, device=q.codes.device, dtype=dtype)
+        layer.qweight.set_quantized(q)
         if bias is not None:
             layer.bias.data.copy_(bias.detach())
         return layer

@@ -47,14 +47,15 @@ def apply_left(left: torch.Tensor | None, x: torch.Tensor, inverse: bool = False
 
 
 def whitened_svd(weight: torch.Tensor, factor: torch.Tensor, left: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 svd_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of R W S: returns (U, sigma, Vt) with W = U diag(sigma) Vt (U = R^-1 U_w, Vt = Vh S^-1).
 
     Any leading r terms give the rank-r M minimizing ||R (W - M) S||_F; the error is
-    ||sigma[r:]||. R (`left`, see output_factor) defaults to the identity.
+    ||sigma[r:]||. R (`left`, see output_factor) defaults to the identity. The products and
+    the un-whitening run in float64; svd_dtype=float32 makes the SVD itself ~2x faster.
     """
     w = apply_left(left, weight.double())
-    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    u, s, vh = (t.double() for t in torch.linalg.svd((w @ factor).to(svd_dtype), full_matrices=False))
     # Vt_unwhitened = Vh S^{-1}  <=>  S^T Vt_unwhitened^T = Vh^T
     vt = torch.linalg.solve_triangular(factor.T, vh.T, upper=True).T
     return apply_left(left, u, inverse=True), s, vt

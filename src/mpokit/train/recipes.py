@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 __all__ = ["FinetuneOptions", "finetune", "METHODS", "TASKS"]
 
-METHODS = ("mpop", "recover", "opf", "opdf", "lora", "full")
+METHODS = ("mpop", "recover", "opf", "opdf", "lora", "full", "kd")
 TASKS = ("lm", "sst2")
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
@@ -43,6 +45,12 @@ class FinetuneOptions:
     alpha: float = 0.5  # OPDF: KD weight
     beta: float = 1.0  # OPDF: tensor constraint weight
     lora_rank: int = 8
+    lora_targets: list[str] | None = None  # None: per-model defaults (all MPO layers on a compressed model)
+    scheduler: str = "linear"  # transformers lr_scheduler_type: linear | cosine | constant_with_warmup ...
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    max_minutes: float | None = None  # stop training at this wall-clock budget (the schedule keeps max_steps)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -51,11 +59,16 @@ class FinetuneOptions:
             raise ValueError(f"expected task in {TASKS}, got {self.task!r}")
         if self.select not in ("fisher", "stable-rank"):
             raise ValueError(f"expected select in ('fisher', 'stable-rank'), got {self.select!r}")
-        if self.method == "opdf" and not self.teacher:
-            raise ValueError("expected --teacher for --method opdf, got none")
+        if self.warmup_steps < 0 or self.grad_accum < 1:
+            raise ValueError(f"expected warmup_steps >= 0 and grad_accum >= 1, got {self.warmup_steps} and "
+                             f"{self.grad_accum}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"expected max_minutes > 0, got {self.max_minutes}")
+        if self.method in ("opdf", "kd") and not self.teacher:
+            raise ValueError(f"expected --teacher for --method {self.method}, got none")
 
 
-DEFAULT_LR = {"full": 5e-5, "opf": 5e-5, "opdf": 5e-5, "mpop": 1e-3, "recover": 1e-4, "lora": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "kd": 5e-5, "opf": 5e-5, "opdf": 5e-5, "mpop": 1e-3, "recover": 1e-4, "lora": 1e-3}
 
 
 def _datasets(o: FinetuneOptions, tok):
@@ -102,16 +115,26 @@ def _stack(rows):
 
 
 def _lora(o: FinetuneOptions, model):
+    """PEFT LoRA; on a compressed model the adapters sit on the (frozen) MPO layers via a custom module."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ImportError("--method lora needs PEFT: pip install peft") from None
-    targets = LORA_TARGETS.get(model.config.model_type)
+    from mpokit.methods.mpop import mpo_linears
+    from mpokit.train.lora_mpo import lora_config_for_mpo, mpo_lora_targets
+
+    on_mpo = bool(mpo_linears(model))
+    targets = o.lora_targets or (mpo_lora_targets(model) if on_mpo else LORA_TARGETS.get(model.config.model_type))
     if targets is None:
-        raise ValueError(f"expected a model type with LoRA defaults {sorted(LORA_TARGETS)}, got {model.config.model_type!r}")
-    cfg = LoraConfig(r=o.lora_rank, lora_alpha=2 * o.lora_rank, target_modules=targets, lora_dropout=0.0,
+        raise ValueError(f"expected a model type with LoRA defaults {sorted(LORA_TARGETS)} or --lora-targets, "
+                         f"got {model.config.model_type!r}")
+    cfg = LoraConfig(r=o.lora_rank, lora_alpha=2 * o.lora_rank, target_modules=list(targets), lora_dropout=0.0,
                      task_type="SEQ_CLS" if o.task == "sst2" else "CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    if on_mpo:
+        lora_config_for_mpo(cfg)
+    with warnings.catch_warnings():  # PEFT warns on any custom layer type; ours is registered on purpose
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return get_peft_model(model, cfg)
 
 
 def finetune(o: FinetuneOptions) -> dict:
@@ -123,6 +146,7 @@ def finetune(o: FinetuneOptions) -> dict:
     from mpokit.train.trainer import fit
 
     t0 = time.time()
+    torch.manual_seed(o.seed)  # a freshly added classifier head starts the same for every method
     task = "causal-lm" if o.task == "lm" else "sequence-classification"
     loaded = load_model(o.model, task=task)
     model, tok = loaded.model, loaded.tokenizer
@@ -147,11 +171,17 @@ def finetune(o: FinetuneOptions) -> dict:
             loss_fn = make_distill_loss(teacher, o.alpha, o.beta)
     elif o.method == "lora":
         model = _lora(o, model)
-    else:
+    else:  # full, kd
         model.requires_grad_(True)
+        if o.method == "kd":  # plain KD: every parameter, no tensor constraint
+            from mpokit.methods.opdf import make_distill_loss
+
+            loss_fn = make_distill_loss(load_model(o.teacher, task=task).model, o.alpha, beta=0.0)
     trainable = count_trainable(model)
     lr = o.lr if o.lr is not None else DEFAULT_LR[o.method]
-    kw = dict(batch_size=o.batch_size, lr=lr, seed=o.seed, collator=collator, loss_fn=loss_fn)
+    kw = dict(batch_size=o.batch_size, lr=lr, seed=o.seed, collator=collator, loss_fn=loss_fn,
+              lr_scheduler=o.scheduler, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
+              grad_accum=o.grad_accum, max_minutes=o.max_minutes)
     model.train()
     if o.method == "mpop" and o.squeeze_bond:
         per_cut = max(1, o.max_steps // o.squeeze_steps)
@@ -168,7 +198,10 @@ def finetune(o: FinetuneOptions) -> dict:
         model = model.merge_and_unload()
     contract_(model)  # OPF/OPDF: back to the original architecture (no-op otherwise)
     out = {"model": loaded.source, "method": o.method, "task": o.task, "max_steps": o.max_steps,
-           "global_step": result.global_step, "batch_size": o.batch_size, "lr": lr, "seq_len": o.seq_len,
+           "global_step": result.global_step, "batch_size": o.batch_size, "grad_accum": o.grad_accum, "lr": lr,
+           "scheduler": o.scheduler, "warmup_steps": o.warmup_steps, "seq_len": o.seq_len,
+           "train_seconds": result.seconds, "stopped_by_time": result.stopped_by_time,
+           "tokens_seen": result.global_step * o.batch_size * o.grad_accum * o.seq_len if o.task == "lm" else None,
            "trainable_params": trainable, "params": count_params(model), "train_loss": result.train_loss,
            "selected": selected, "squeeze": squeeze_log}
     if o.task == "sst2":

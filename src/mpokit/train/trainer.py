@@ -5,6 +5,7 @@ The optimizer is built inside `Trainer.train()`, i.e. after any layer swap done 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,8 @@ class FitResult:
     train_loss: float
     losses: list[float]  # logged per-step training losses
     trainable_params: int
+    seconds: float = 0.0  # wall clock of trainer.train()
+    stopped_by_time: bool = False
 
 
 def _trainer_cls():
@@ -51,13 +54,15 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         weight_decay: float = 0.0, warmup_steps: int = 0, save_steps: int | None = None, seed: int = 0,
         resume: bool | str | None = None, collator=None, loss_fn: Callable | None = None,
         logging_steps: int = 1, progress: bool = False, callbacks: list | None = None,
-        lr_scheduler: str = "linear") -> FitResult:
+        lr_scheduler: str = "linear", grad_accum: int = 1, max_minutes: float | None = None) -> FitResult:
     """Train `model` (its requires_grad flags decide what trains) for max_steps optimizer steps.
 
     save_steps: write a Trainer checkpoint every N steps to out_dir/checkpoint-N.
     resume: True (latest checkpoint in out_dir) or a checkpoint path: Trainer restores weights,
         optimizer, scheduler, RNG states and the data position.
     callbacks: transformers TrainerCallbacks (e.g. one that stops early, to simulate an interruption).
+    max_minutes: wall-clock training budget; training stops at the first step past it (the LR schedule
+        still follows max_steps, so pick max_steps that fits the budget for a complete schedule).
     """
     from transformers import TrainingArguments
 
@@ -65,8 +70,15 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
 
     if max_steps < 1:
         raise ValueError(f"expected max_steps >= 1, got {max_steps}")
+    if grad_accum < 1:
+        raise ValueError(f"expected grad_accum >= 1, got {grad_accum}")
+    callbacks = list(callbacks or [])
+    timer = _time_limit_callback(max_minutes) if max_minutes else None
+    if timer is not None:
+        callbacks.append(timer)
     args = TrainingArguments(
         output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=seed, data_seed=seed,
         logging_steps=logging_steps, report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
@@ -74,6 +86,26 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
     )
     trainer = _trainer_cls()(model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
                                  callbacks=callbacks)
+    t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return FitResult(trainer.state.global_step, float(out.training_loss), losses, count_trainable(model))
+    return FitResult(trainer.state.global_step, float(out.training_loss), losses, count_trainable(model), seconds,
+                     bool(timer is not None and timer.fired))
+
+
+def _time_limit_callback(max_minutes: float):
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def __init__(self):
+            self.start, self.fired = None, False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if time.perf_counter() - self.start > 60 * max_minutes:
+                self.fired = control.should_training_stop = True
+
+    return TimeLimit()

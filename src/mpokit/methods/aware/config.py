@@ -28,8 +28,10 @@ class AwareConfig(MethodConfig):
       (ranks differ per layer, some layers stay dense); "uniform" keeps `budget` of every layer.
       Measured on SmolLM2 at 0.8 (README): global allocation helps only with sensitivity="fisher";
       with input weighting alone it is worse than uniform.
-    layouts: candidate layouts per layer; "mpo" adds a 3-core MPO refined on the weighted
-      objective, used where it beats low rank at the allocated size.
+    layouts: candidate layouts per layer; "lowrank" is the 2-core MPO (out,1)x(1,in); "mpo" adds
+      a 3-core MPO refined on the weighted objective, used where it beats low rank at the
+      allocated size (SmolLM2 @0.8: 6 of 210 layers chose it, perplexity 55.66 vs 55.55 without,
+      at ~4x the compression time, hence not in the default).
     error_norm: "absolute" compares output error across layers as is; "relative" divides each
       layer's by its output energy first (global allocation only).
     correct: fit each layer to the original model's outputs (M X ~ W X_ref, X from the

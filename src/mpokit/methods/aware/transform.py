@@ -27,6 +27,10 @@ from mpokit.surgery.targets import find_targets, weight_matrix
 
 __all__ = ["aware_compress", "weighted_factors"]
 
+# Products and whitening stay float64; the SVDs of the weighted matrices run in float32
+# (about 2x faster on CPU), whose ~1e-7 relative precision is far below any truncation.
+SVD_DTYPE = torch.float32
+
 
 def _input_scale(config: AwareConfig, stats: InputStats | None, name: str):
     """(kind, tensor): the whitening factor S, a per-channel scale, or nothing."""
@@ -41,7 +45,7 @@ def weighted_factors(weight: torch.Tensor, kind: str, scale, left: torch.Tensor 
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W = U diag(sigma) Vt, with sigma the singular values of the weighted W (R W S, R = left)."""
     if kind == "whiten":
-        return whitened_svd(weight, scale, left)
+        return whitened_svd(weight, scale, left, svd_dtype=SVD_DTYPE)
     w = apply_left(left, weight.double())
     u, s, vt = scaled_svd(w, scale) if kind == "diag" else torch.linalg.svd(w, full_matrices=False)
     return apply_left(left, u, inverse=True), s, vt
@@ -53,7 +57,7 @@ def _weighted_sigma(weight, kind, scale, left=None) -> torch.Tensor:
         w = w @ scale
     elif kind == "diag":
         w = w * scale.double()
-    return torch.linalg.svdvals(w)
+    return torch.linalg.svdvals(w.to(SVD_DTYPE)).double()
 
 
 def _output_factors(model, config: AwareConfig, names: list[str], batches) -> dict[str, torch.Tensor]:

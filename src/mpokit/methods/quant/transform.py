@@ -1,4 +1,9 @@
-"""Replace targeted Linear/Conv1D layers by QuantLinear, and MPO layers by QuantMPOLinear."""
+"""Replace targeted Linear/Conv1D layers by QuantLinear, and MPO layers by QuantMPOLinear.
+
+algorithm="rtn" rounds each weight on its own; "gptq" streams calibration text block by
+block (calibration.stream_blocks) and quantizes each block's layers with GPTQ on the
+inputs that the already-quantized blocks below produce.
+"""
 from __future__ import annotations
 
 import torch
@@ -10,11 +15,16 @@ from mpokit.layers.quant import QuantLinear
 from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.quant.config import QuantConfig
-from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, sqnr_db
+from mpokit.calibration.blocks import stream_blocks
+from mpokit.calibration.stats import calibration_batches, collect_input_stats
+from mpokit.ops.gptq import gptq_quantize, output_error
+from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["quant_compress", "quantize_module", "fitted_group"]
+__all__ = ["quant_compress", "quantize_module", "gptq_module", "fitted_group"]
+
+STACK_TOKENS = 1024  # calibration windows are run through the blocks in batches of about this many tokens
 
 
 def _target_types() -> tuple[type, ...]:
@@ -59,29 +69,101 @@ def _dense_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-@register(QuantConfig)
-def quant_compress(model: nn.Module, config: QuantConfig, progress: bool = True) -> Report:
-    names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
-    report = Report(method=config.method)
-    bytes_before = bytes_after = 0
-    for name in tqdm(names, desc=f"quant: int{config.bits}", disable=not progress):
-        module = get_module(model, name)
+def _calibration(config: QuantConfig, tokenizer, text: str | None, batches):
+    if batches is not None:
+        return batches
+    if tokenizer is None:
+        raise ValueError("expected a tokenizer (or calibration batches) for algorithm='gptq', got none")
+    if text is None:
+        from mpokit.eval.perplexity import load_corpus
+
+        text = load_corpus().text
+    windows = calibration_batches(tokenizer, text, config.calibration_tokens, config.calibration_context)
+    return _stack_windows(windows, max(1, STACK_TOKENS // config.calibration_context))
+
+
+def _stack_windows(windows: list[torch.Tensor], per_batch: int) -> list[torch.Tensor]:
+    """(1, L) windows -> (B, L) batches of equal-length windows: short windows cost one block call per
+    batch instead of one each (the statistics are the same)."""
+    full = [w for w in windows if w.shape[1] == windows[0].shape[1]]
+    rest = windows[len(full):]
+    return [torch.cat(full[i:i + per_batch]) for i in range(0, len(full), per_batch)] + rest
+
+
+def gptq_module(module: nn.Module, gram: torch.Tensor, config: QuantConfig) -> QuantLinear:
+    """The GPTQ-quantized QuantLinear for one Linear/Conv1D, given its input Gram X^T X."""
+    w = weight_matrix(module).detach()
+    group = fitted_group(w.shape[1], config.group_size) if config.fit_groups else config.group_size
+    q = gptq_quantize(w, gram, config.bits, group, config.symmetric, config.zero_point, config.damp, config.act_order)
+    new = QuantLinear.from_quantized(q, getattr(module, "bias", None), cache_weight=config.cache_weight, dtype=w.dtype)
+    new.orig_type = type(module).__name__
+    return new
+
+
+class _Recorder:
+    """Swaps layers in and writes one LayerRecord each, plus byte totals."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig):
+        self.model, self.config = model, config
+        self.report = Report(method=config.method)
+        self.bytes_before = self.bytes_after = 0
+
+    def replace(self, name: str, make, gram: torch.Tensor | None = None) -> None:
+        module = get_module(self.model, name)
         with torch.no_grad():
             w = module.full_weight() if isinstance(module, MPOLinear) else weight_matrix(module)
             w = w.detach().clone()
         before = _dense_bytes(module)
-        new = quantize_module(module, config)
-        set_module(model, name, new)
+        new = make(module)
+        set_module(self.model, name, new)
         with torch.no_grad():
             w_hat = new.weight.detach()
         err = (w - w_hat).norm().item() / max(w.norm().item(), 1e-30)
         after = new.storage_bytes()
-        bytes_before, bytes_after = bytes_before + before, bytes_after + after
-        kind = "quant-mpo" if isinstance(new, QuantMPOLinear) else "quant"
-        report.layers.append(LayerRecord(
-            name=name, kind=kind, shape=tuple(w.shape), params_before=w.numel(), params_after=w.numel(),
-            rel_error=err, detail={"bits": config.bits, "group_size": _group_of(new), "sqnr_db": sqnr_db(w, w_hat),
-                                   "bytes_before": before, "bytes_after": after}))
-    report.extra.update(bytes_before=bytes_before, bytes_after=bytes_after,
-                        bytes_ratio=bytes_after / bytes_before if bytes_before else 1.0)
-    return report
+        self.bytes_before, self.bytes_after = self.bytes_before + before, self.bytes_after + after
+        detail = {"bits": self.config.bits, "group_size": _group_of(new), "sqnr_db": sqnr_db(w, w_hat),
+                  "bytes_before": before, "bytes_after": after}
+        if gram is not None:  # output error on the calibration inputs, and what RTN would give there
+            rtn = fake_quantize(w, self.config.bits, _group_of(new), self.config.symmetric,
+                                zero_point=self.config.zero_point)
+            detail.update(output_rel_error=output_error(w, w_hat, gram), rtn_output_rel_error=output_error(w, rtn, gram))
+        kind = "quant-mpo" if isinstance(new, QuantMPOLinear) else ("gptq" if gram is not None else "quant")
+        self.report.layers.append(LayerRecord(name=name, kind=kind, shape=tuple(w.shape), params_before=w.numel(),
+                                              params_after=w.numel(), rel_error=err, detail=detail))
+
+    def finish(self, **extra) -> Report:
+        self.report.extra.update(bytes_before=self.bytes_before, bytes_after=self.bytes_after,
+                                 bytes_ratio=self.bytes_after / self.bytes_before if self.bytes_before else 1.0,
+                                 algorithm=self.config.algorithm, **extra)
+        return self.report
+
+
+def _gptq_compress(model, names, config, recorder, batches, progress) -> None:
+    mpo = [n for n in names if isinstance(get_module(model, n), MPOLinear)]
+    if mpo:
+        raise ValueError(f"expected plain linear layers for algorithm='gptq', got MPO layers {mpo[:3]}; "
+                         "use algorithm='rtn' for MPO cores")
+
+    def quantize_block(_, local, stats) -> bool:
+        for n in local:
+            gram = stats.gram(n)
+            recorder.replace(n, lambda m, gram=gram: gptq_module(m, gram, config), gram)
+        return True
+
+    outside = stream_blocks(model, names, batches, quantize_block, progress=progress, desc=f"gptq: int{config.bits}")
+    if outside:  # layers outside the repeated blocks: statistics of the (already quantized) model
+        quantize_block(-1, outside, collect_input_stats(model, outside, batches, progress=progress))
+
+
+@register(QuantConfig)
+def quant_compress(model: nn.Module, config: QuantConfig, tokenizer=None, calibration_text: str | None = None,
+                   batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
+    names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
+    recorder = _Recorder(model, config)
+    if config.algorithm == "gptq":
+        batches = _calibration(config, tokenizer, calibration_text, batches)
+        _gptq_compress(model, names, config, recorder, batches, progress)
+        return recorder.finish(calibration_tokens=sum(b.numel() for b in batches))
+    for name in tqdm(names, desc=f"quant: int{config.bits}", disable=not progress):
+        recorder.replace(name, lambda m: quantize_module(m, config))
+    return recorder.finish()
