@@ -65,3 +65,27 @@ def test_default_model_compress_save_reload_eval(tmp_path, one_thread):
     generated = reloaded.generate(prompt, **kw)
     assert generated.shape[1] == prompt.shape[1] + 8
     assert torch.equal(generated, model.generate(prompt, **kw))
+
+
+CALIBRATION_TEXT = TEST_TEXT.parent / "valid.txt"
+
+
+@pytest.mark.slow
+def test_default_method_cli_is_loss_aware_and_beats_whitened_svd(tmp_path, one_thread):
+    """The README's main job, scaled down: `mpokit compress --budget B --calibration FILE` (the default
+    activation- and loss-aware method) against the SVD-LLM baseline, same calibration, same eval."""
+    if not (TEST_TEXT.is_file() and CALIBRATION_TEXT.is_file()):
+        pytest.skip(f"missing {TEST_TEXT} or {CALIBRATION_TEXT}")
+    ppl = {}
+    for method in ("mpo", "whitened-svd"):
+        out = tmp_path / method
+        assert main(["compress", "--method", method, "--budget", "0.8", "--calibration", str(CALIBRATION_TEXT),
+                     "--calibration-tokens", "1024", "--out", str(out), "--json", str(tmp_path / f"{method}.json")]) == 0
+        report = json.loads((tmp_path / f"{method}.json").read_text())
+        assert 0.79 <= report["kept_fraction"] <= 0.8
+        assert main(["eval", str(out), "--text", str(TEST_TEXT), "--tokens", "512", "--context", "256",
+                     "--json", str(tmp_path / f"{method}-eval.json")]) == 0
+        ppl[method] = json.loads((tmp_path / f"{method}-eval.json").read_text())["perplexity"]
+    assert report["config"]["sensitivity"] == "none"  # the baseline really ran without the gradient weighting
+    # measured at 8192 tokens with 4096 calibration tokens: 55.7 vs 125.0; a clear margin is required here
+    assert ppl["mpo"] < 0.8 * ppl["whitened-svd"], ppl
