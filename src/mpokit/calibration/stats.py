@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mpokit.surgery.replace import get_module
 
-__all__ = ["InputStats", "GramAccumulator", "collect_input_stats", "calibration_batches"]
+__all__ = ["InputStats", "GramAccumulator", "collect_input_stats", "calibration_batches", "resolve_calibration"]
 
 
 @dataclass
@@ -48,6 +48,21 @@ def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int 
 
     ids = tokenize_prefix(tokenizer, text, tokens)
     return [ids[i:i + context].unsqueeze(0) for i in range(0, ids.numel() - 1, context)]
+
+
+def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str | None, tokens: int, context: int,
+                        purpose: str) -> list[torch.Tensor]:
+    """The caller's batches, else windows of `text` (default: the offline corpus) tokenized by `tokenizer`."""
+    if batches is not None:
+        return batches
+    if tokenizer is None:
+        raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
+                         f"for {purpose}, got neither")
+    if text is None:
+        from mpokit.eval.perplexity import load_corpus
+
+        text = load_corpus().text
+    return calibration_batches(tokenizer, text, tokens, context)
 
 
 def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from mpokit.calibration.blocks import stream_blocks
 from mpokit.calibration.fisher import collect_output_fisher
-from mpokit.calibration.stats import InputStats, calibration_batches, collect_input_stats
+from mpokit.calibration.stats import InputStats, collect_input_stats, resolve_calibration
 from mpokit.layers.mpo import MPOLinear
 from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, allocate_uniform
 from mpokit.methods.aware.config import AwareConfig
@@ -90,18 +90,6 @@ def _lowrank_layer(module: nn.Module, u, s, vt, rank: int, forward_mode: str) ->
     return layer
 
 
-def _calibration(config: AwareConfig, tokenizer, text: str | None, batches):
-    if batches is not None:
-        return batches
-    if tokenizer is None:
-        raise ValueError("expected a tokenizer (or calibration batches) for activation-aware compression, got none")
-    if text is None:
-        from mpokit.eval.perplexity import load_corpus
-
-        text = load_corpus().text
-    return calibration_batches(tokenizer, text, config.calibration_tokens, config.calibration_context)
-
-
 def _stream(model, names, batches, on_block, progress, desc, reference: bool = False) -> None:
     """Block-by-block statistics; layers outside the blocks get whole-model statistics."""
     outside = stream_blocks(model, names, batches, on_block, progress=progress, desc=desc, reference=reference)
@@ -118,7 +106,9 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
         raise ValueError(f"expected linear layers for activation-aware compression, got embeddings {embeddings}; "
                          "use MPOConfig (data-free) for embeddings")
     needs_data = config.needs_calibration
-    batches = _calibration(config, tokenizer, calibration_text, batches) if needs_data else None
+    batches = (resolve_calibration(batches, tokenizer, calibration_text, config.calibration_tokens,
+                                   config.calibration_context, "activation-aware compression")
+               if needs_data else None)
     lefts = _output_factors(model, config, names, batches)
 
     def left(n):

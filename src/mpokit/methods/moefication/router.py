@@ -10,15 +10,7 @@ from mpokit.layers.moe import MoEFFN
 from mpokit.surgery.ffn import FFNSite
 from mpokit.surgery.replace import get_module
 
-__all__ = ["calibration_windows", "collect_ffn_inputs", "expert_targets", "fit_router", "routing_quality"]
-
-
-def calibration_windows(tokenizer, text: str, tokens: int, context: int) -> list[torch.Tensor]:
-    """Non-overlapping (1, context) windows over the first `tokens` tokens of text."""
-    from mpokit.eval.perplexity import tokenize_prefix
-
-    ids = tokenize_prefix(tokenizer, text, tokens)
-    return [ids[i:i + context].unsqueeze(0) for i in range(0, ids.numel() - 1, context)]
+__all__ = ["collect_ffn_inputs", "expert_targets", "fit_router", "routing_quality"]
 
 
 @torch.no_grad()

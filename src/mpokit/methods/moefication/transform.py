@@ -5,29 +5,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.calibration.stats import resolve_calibration
 from mpokit.layers.moe import MoEFFN
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.moefication.clustering import balanced_kmeans, neuron_features
 from mpokit.methods.moefication.config import MoEficationConfig
-from mpokit.methods.moefication.router import calibration_windows, collect_ffn_inputs, fit_router
+from mpokit.methods.moefication.router import collect_ffn_inputs, fit_router
 from mpokit.surgery.ffn import find_ffns, install_ffn, read_ffn
 
 __all__ = ["moefy", "set_top_k_", "moe_layers"]
 
 CLUSTER_TOKENS = 4096  # calibration tokens used for activation features
-
-
-def _calibration_batches(config: MoEficationConfig, tokenizer, text: str | None, batches) -> list[torch.Tensor]:
-    if batches is not None:
-        return batches
-    if tokenizer is None:
-        raise ValueError("expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
-                         "for moefication, got neither")
-    if text is None:
-        from mpokit.eval.perplexity import load_corpus
-
-        text = load_corpus().text
-    return calibration_windows(tokenizer, text, config.calibration_tokens, config.calibration_context)
 
 
 @register(MoEficationConfig)
@@ -39,7 +27,8 @@ def moefy(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrati
         n = read_ffn(model, site).neurons
         if n % config.num_experts:
             raise ValueError(f"expected num_experts to divide the FFN size {n} of {site.name}, got {config.num_experts}")
-    batches = _calibration_batches(config, tokenizer, calibration_text, batches)
+    batches = resolve_calibration(batches, tokenizer, calibration_text, config.calibration_tokens,
+                                  config.calibration_context, "moefication")
     inputs = collect_ffn_inputs(model, sites, batches, progress)
     tokens = next(iter(inputs.values())).shape[0]
     report = Report(method=config.method)

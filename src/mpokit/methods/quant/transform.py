@@ -16,7 +16,7 @@ from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.quant.config import QuantConfig
 from mpokit.calibration.blocks import stream_blocks
-from mpokit.calibration.stats import calibration_batches, collect_input_stats
+from mpokit.calibration.stats import collect_input_stats, resolve_calibration
 from mpokit.ops.gptq import gptq_quantize, output_error
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
 from mpokit.surgery.replace import get_module, set_module
@@ -72,13 +72,8 @@ def _dense_bytes(module: nn.Module) -> int:
 def _calibration(config: QuantConfig, tokenizer, text: str | None, batches):
     if batches is not None:
         return batches
-    if tokenizer is None:
-        raise ValueError("expected a tokenizer (or calibration batches) for algorithm='gptq', got none")
-    if text is None:
-        from mpokit.eval.perplexity import load_corpus
-
-        text = load_corpus().text
-    windows = calibration_batches(tokenizer, text, config.calibration_tokens, config.calibration_context)
+    windows = resolve_calibration(None, tokenizer, text, config.calibration_tokens, config.calibration_context,
+                                  "algorithm='gptq'")
     return _stack_windows(windows, max(1, STACK_TOKENS // config.calibration_context))
 
 
