@@ -6,15 +6,19 @@ same invocation, so every ratio compares numbers measured side by side):
              from a Q4_1 GGUF, groups of 32, where 4-bit re-quantization is lossless by
              construction); mpokit (RTN, integer zero points), its ablations mpokit-float (16-bit
              float offset = group minimum, as quanto stores) and mpokit-clip (MSE clip search),
-             optimum-quanto, torchao (when importable), and gptq (mpokit's GPTQ, calibrated on the
-             first --calib-tokens tokens of WikiText-2 valid); WikiText-2 test perplexity, weight bytes.
+             optimum-quanto, torchao (when importable), gptq (mpokit's GPTQ with the input-energy
+             weighted range search, `--method gptq`, calibrated on the first --calib-tokens tokens of
+             WikiText-2 valid; not run at 8 bits) and its ablation gptq-minmax (plain min/max group
+             ranges); WikiText-2 test perplexity, weight bytes.
   kv         KV cache at 8/4/2 bits: DecoQuant (per-token, as published), RTN (ablation), the
-             -kc variants (keys per channel in 64-token blocks + 4 sink tokens), transformers
+             -kc variants (keys per channel in 64-token blocks + 4 sink tokens), the -kcr variants
+             (-kc + Hadamard-rotated values / value large cores), transformers
              QuantizedCache (quanto backend); each 512-token window is fed in chunks of 64 tokens
              through one cache, so chunks 2..8 attend to the quantized states of the earlier ones.
-  abilities  ICL (k-shot SST-2), CoT arithmetic, instruction following at dense/8/4/3/2-bit weights.
+  abilities  ICL (k-shot SST-2), CoT arithmetic, instruction following at dense/8/4/3/2-bit RTN
+             weights and --ability-gptq-bits GPTQ weights.
   minilm     float32 all-MiniLM-L6-v2 encoder: weight SQNR and sentence-embedding cosine vs the
-             float model on SST-2 dev sentences.
+             float model on SST-2 dev sentences (GPTQ calibrated on SST-2 train sentences).
 
     python bench/bench_quant.py --parts weights kv abilities minilm
     python bench/bench_quant.py --parts weights --tokens 2048 --bits 4 --groups 128
@@ -126,8 +130,11 @@ def mpokit_config(peer: str, bits: int, group: int, **kw):
     ablations swap in a float offset (the group minimum, as quanto stores) or the MSE clip search."""
     from mpokit.methods import QuantConfig
 
+    from mpokit.methods.presets import PRESETS
+
+    gptq = PRESETS["gptq"][1]  # what `mpokit compress --method gptq` runs
     extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True},
-             "gptq": {"algorithm": "gptq"}}.get(peer, {})
+             "gptq": gptq, "gptq-minmax": {**gptq, "clip_search": False}}.get(peer, {})
     return QuantConfig(bits=bits, group_size=group, **extra, **kw)
 
 
@@ -151,24 +158,26 @@ def part_weights(args) -> dict:
     args.calib_context = args.calib_context or QuantConfig().calibration_context
     calib = {"tokenizer": tok, "calibration_text": (DATA / "wikitext-2" / "valid.txt").read_text()}
     out["gptq_calibration"] = f"WikiText-2 valid, first {args.calib_tokens} tokens, windows of {args.calib_context}"
-    peers = ["mpokit", "gptq", "mpokit-float", "mpokit-clip", "quanto"] + (["torchao"] if _has("torchao") else [])
+    peers = ["mpokit", "gptq", "gptq-minmax", "mpokit-float", "mpokit-clip", "quanto"] + \
+        (["torchao"] if _has("torchao") else [])
     peers = [p for p in peers if p in args.peers]
     for group in args.groups:
         for bits in args.bits:
             for peer in peers:
-                if peer == "quanto" and bits == 3:
+                if (peer == "quanto" and bits == 3) or (peer.startswith("gptq") and bits == 8):
                     continue
                 model = copy.deepcopy(dense)
                 t = time.perf_counter()
                 note = ""
-                if peer.startswith("mpokit") or peer == "gptq":
+                is_gptq = peer.startswith("gptq")
+                if peer.startswith("mpokit") or is_gptq:
                     calib_size = {"calibration_tokens": args.calib_tokens, "calibration_context": args.calib_context}
-                    cfg = mpokit_config(peer, bits, group, **(calib_size if peer == "gptq" else {}))
-                    rep = compress_(model, cfg, progress=False, **(calib if peer == "gptq" else {}))
+                    cfg = mpokit_config(peer, bits, group, **(calib_size if is_gptq else {}))
+                    rep = compress_(model, cfg, progress=False, **(calib if is_gptq else {}))
                     sqnr = sum(r.detail["sqnr_db"] for r in rep.layers) / len(rep.layers)
                     groups = sorted({r.detail["group_size"] for r in rep.layers})
                     note = f"groups {groups}, mean layer SQNR {sqnr:.2f} dB"
-                    if peer == "gptq":
+                    if is_gptq:
                         out_err = [r.detail["output_rel_error"] / r.detail["rtn_output_rel_error"] for r in rep.layers]
                         note += (f", {rep.extra['calibration_tokens']} calibration tokens, layer output error "
                                  f"{sum(out_err) / len(out_err):.2f}x RTN's (mean)")
@@ -232,13 +241,17 @@ def part_abilities(args) -> dict:
     dense, tok = loaded.model, loaded.tokenizer
     sizes = {"icl_n": args.icl_n, "icl_k": 4, "cot_n": args.cot_n, "if_n": args.if_n}
     out = {"model": loaded.source, "group": args.ability_group, "sizes": sizes, "seed": 0, "runs": []}
-    for bits in [None] + list(args.bits):
+    calib = {"tokenizer": tok, "calibration_text": (DATA / "wikitext-2" / "valid.txt").read_text()}
+    settings = [(None, "rtn")] + [(b, "rtn") for b in args.bits] + [(b, "gptq") for b in args.ability_gptq_bits]
+    for bits, algo in settings:
         model = dense if bits is None else copy.deepcopy(dense)
         if bits is not None:
-            compress_(model, QuantConfig(bits=bits, group_size=args.ability_group), progress=False)
+            cfg = mpokit_config("gptq" if algo == "gptq" else "mpokit", bits, args.ability_group)
+            compress_(model, cfg, progress=False, **(calib if algo == "gptq" else {}))
         t = time.perf_counter()
         res = evaluate_abilities(model, tok, **sizes, data_dir=DATA)
-        row = {"weights": "dense fp32" if bits is None else f"int{bits} g{args.ability_group}",
+        name = f"int{bits} g{args.ability_group}" + (" GPTQ" if algo == "gptq" else "")
+        row = {"weights": "dense fp32" if bits is None else name,
                **{k: r.score for k, r in res.items()}, "seconds": time.perf_counter() - t,
                "detail": {k: r.to_dict() for k, r in res.items()}}
         out["runs"].append(row)
@@ -281,15 +294,18 @@ def part_minilm(args) -> dict:
     out = {"model": "all-MiniLM-L6-v2 (float32)", "sentences": f"first {len(sentences)} SST-2 dev sentences",
            "metric": "cosine(mean-pooled normalized embedding, float model's); weight SQNR over encoder linears",
            "dense_weight_bytes": _module_weight_bytes(dense, names), "runs": []}
+    train = [line.split("\t", 1)[1] for line in (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]]
+    calib = {"tokenizer": tok, "calibration_text": " ".join(train[:4000])}  # train sentences, never dev
     for group in args.groups:
         for bits in args.bits:
-            for peer in [p for p in ("mpokit", "mpokit-float", "quanto") if p in args.peers]:
-                if peer == "quanto" and bits == 3:
+            for peer in [p for p in ("mpokit", "gptq", "mpokit-float", "quanto") if p in args.peers]:
+                if (peer == "quanto" and bits == 3) or (peer == "gptq" and bits == 8):
                     continue
                 model = copy.deepcopy(dense)
                 note, sqnr = "", None
-                if peer.startswith("mpokit"):
-                    rep = compress_(model, mpokit_config(peer, bits, group, target_modules=targets), progress=False)
+                if peer.startswith("mpokit") or peer == "gptq":
+                    cfg = mpokit_config(peer, bits, group, target_modules=targets)
+                    rep = compress_(model, cfg, progress=False, **(calib if peer == "gptq" else {}))
                     sqnr = sum(r.detail["sqnr_db"] for r in rep.layers) / len(rep.layers)
                 else:
                     note = quantize_quanto(model, names, bits, group)
@@ -357,24 +373,32 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
     p.add_argument("--groups", type=int, nargs="+", default=[128, 64])
-    p.add_argument("--peers", nargs="+", default=["mpokit", "gptq", "mpokit-float", "mpokit-clip", "quanto", "torchao"])
+    p.add_argument("--peers", nargs="+", default=["mpokit", "gptq", "quanto", "torchao"],
+                   help="also: gptq-minmax, mpokit-float, mpokit-clip (ablations)")
     p.add_argument("--calib-tokens", type=int, default=8192, help="GPTQ calibration tokens (WikiText-2 valid)")
     p.add_argument("--calib-context", type=int, default=None, help="GPTQ calibration window (default: QuantConfig's)")
     p.add_argument("--peer-path", default=None, help="extra folder on sys.path (e.g. a side install of torchao)")
     p.add_argument("--kv-bits", type=int, nargs="+", default=[8, 4, 2])
-    p.add_argument("--kv-kinds", nargs="+", default=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "quanto"])
+    p.add_argument("--kv-kinds", nargs="+",
+                   default=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "decoquant-kcr", "rtn-kcr", "quanto"])
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--residual", type=int, default=None, help="16-bit window (default: each preset's)")
     p.add_argument("--ability-group", type=int, default=128)
+    p.add_argument("--ability-gptq-bits", type=int, nargs="*", default=[4, 3], help="abilities with GPTQ weights")
     p.add_argument("--icl-n", type=int, default=100)
     p.add_argument("--cot-n", type=int, default=30)
     p.add_argument("--if-n", type=int, default=27)
     p.add_argument("--minilm-n", type=int, default=872)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--suffix", default="", help="results/bench_quant_<part><suffix>.json (e.g. _g64)")
     p.add_argument("--tables-only", action="store_true", help="print the tables of the saved results")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = p.parse_args()
     SUFFIX[0] = args.suffix
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.peer_path:
         sys.path.insert(0, args.peer_path)
     if not args.tables_only:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from mpokit.cli.common import emit_json, print_table
 
+# layers.kv_cache.KV_CACHE_KINDS, spelled out so that parsing arguments does not import transformers
+CLI_KV_KINDS = ("decoquant", "rtn", "decoquant-kc", "rtn-kc", "decoquant-kcr", "rtn-kcr", "quanto")
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
 
 
@@ -13,9 +15,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tokens", type=int, default=8192, help="tokens to evaluate (default 8192)")
     p.add_argument("--context", type=int, default=512, help="window length (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--kv-cache", default=None, choices=["decoquant", "rtn", "decoquant-kc", "rtn-kc", "quanto"],
+    p.add_argument("--kv-cache", default=None, choices=CLI_KV_KINDS,
                    help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces); "
-                        "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits)")
+                        "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits); "
+                        "-kcr: also Hadamard-rotated values (best at 2 bits)")
     p.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (default 4; quanto: 2 or 4)")
     p.add_argument("--kv-residual", type=int, default=None,
                    help="newest tokens kept in 16 bits (default 16; 0 for the -kc caches)")

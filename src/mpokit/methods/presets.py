@@ -34,7 +34,8 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "svd": (AwareConfig, {"scaling": "none", "sensitivity": "none", "allocation": "uniform"}),  # plain truncated SVD
     "mpo-datafree": (MPOConfig, {"num_cores": 3}),  # TT-SVD of the raw weights
     "quant": (QuantConfig, {}),  # group-wise low-bit weights (--bits, --group-size)
-    "gptq": (QuantConfig, {"algorithm": "gptq"}),  # the same, GPTQ on calibration text (--calibration)
+    # the same, GPTQ on calibration text (--calibration), columns by input energy, searched group ranges
+    "gptq": (QuantConfig, {"algorithm": "gptq", "act_order": True, "clip_search": True}),
     # experts and sharing
     "moefication": (MoEficationConfig, {}),  # FFN -> experts + trained router, top-k computed (--experts, --top-k)
     "mpoe": (MPOEConfig, {}),  # FFN upcycled to MPO experts sharing central cores (--experts, --top-k)

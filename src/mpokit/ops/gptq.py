@@ -22,9 +22,24 @@ from mpokit.ops.quant import SCALE_DTYPE, Quantized, _codes, _dequant_grouped, _
 __all__ = ["gptq_quantize", "output_error"]
 
 
-def _group_params(w: torch.Tensor, bits: int, mode: str):
-    """Scale and offset (rows, 1) of the columns w (rows, g): min/max range, as RTN does."""
-    return _params(w.amin(1, keepdim=True), w.amax(1, keepdim=True), bits, mode)
+def _group_params(w: torch.Tensor, bits: int, mode: str, clip_ratios=None, col_weight: torch.Tensor | None = None):
+    """Scale and offset (rows, 1) of the columns w (rows, g): the min/max range, or with clip_ratios
+    the shrunk range with the least error sum_j h_j (w_j - q_j)^2 per row (h = col_weight (g,), the
+    Gram's diagonal: an input-energy weighted version of the reference GPTQ's MSE range search)."""
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)  # (rows, 1)
+    if not clip_ratios:
+        return _params(lo, hi, bits, mode)
+    best = None
+    for ratio in clip_ratios:
+        s, o = _params(lo * ratio, hi * ratio, bits, mode)
+        err = (_dequant_grouped(_codes(w, s, o, bits, mode), s, o, bits, mode) - w).square_() @ col_weight  # (rows,)
+        if best is None:
+            best = [err, s, o]
+            continue
+        better = (err < best[0])[:, None]  # (rows, 1)
+        best = [torch.minimum(err, best[0]), torch.where(better, s, best[1]),
+                None if o is None else torch.where(better, o, best[2])]
+    return best[1], best[2]
 
 
 def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
@@ -47,11 +62,12 @@ def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   zero_point: bool = True, damp: float = 0.01, act_order: bool = False,
-                  block_size: int = 128) -> Quantized:
+                  block_size: int = 128, clip_ratios: tuple[float, ...] | None = None) -> Quantized:
     """GPTQ codes for weight (rows, cols) given the input Gram H = X^T X (cols, cols).
 
     damp: added to H's diagonal as a fraction of its mean (the paper's 1%).
     block_size: columns per lazy update, rounded to a multiple of group_size.
+    clip_ratios: range shrink factors searched per group and row (see `_group_params`); None = min/max.
     """
     check_bits(bits)
     if weight.dim() != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
@@ -64,11 +80,13 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
     groups = num_groups(cols, group_size)
     w = weight.detach().float().clone()  # (rows, cols), updated in place as errors are fed forward
     w[:, torch.diagonal(gram) == 0] = 0  # inputs never active: any weight there is free
+    hdiag = torch.diagonal(gram).float().to(w.device)  # (cols,) input energy, weights the range search
     scale = torch.empty(rows, groups, dtype=SCALE_DTYPE, device=w.device)
     offset = None if mode == "symmetric" else torch.empty(rows, groups, device=w.device)
     if act_order:  # static groups: parameters from the unmodified weight, before any column moves
         for g in range(groups):
-            s, o = _group_params(w[:, g * group_size:(g + 1) * group_size], bits, mode)
+            cols_g = slice(g * group_size, (g + 1) * group_size)
+            s, o = _group_params(w[:, cols_g], bits, mode, clip_ratios, hdiag[cols_g])
             scale[:, g:g + 1] = s
             if o is not None:
                 offset[:, g:g + 1] = o
@@ -93,7 +111,8 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
             j = b0 + i
             g = group_of[j]
             if not act_order and j % group_size == 0:  # a group starts here: its range from updated weights
-                s, o = _group_params(w1[:, i:i + group_size], bits, mode)
+                walked = perm[j:j + group_size]  # original columns of this group (identity order here)
+                s, o = _group_params(w1[:, i:i + group_size], bits, mode, clip_ratios, hdiag[walked])
                 scale[:, g:g + 1], scale_f[:, g:g + 1] = s, s.float()
                 if o is not None:
                     offset[:, g:g + 1], offset_f[:, g:g + 1] = o, o

@@ -18,7 +18,8 @@ __all__ = ["PackedTokens", "quantize_tokens", "dequantize_tokens", "quantize_cha
 @dataclass
 class PackedTokens:
     """Packed low-bit states with a float16 scale and an offset (float16 minimum or uint8 zero point)
-    per group. Per token: packed (B, H, T, ceil(D * bits / 8)), scale/offset (B, H, T). Per channel
+    per group. Per token: packed (B, H, T, ceil(D * bits / 8)), scale/offset (B, H, T), or
+    (B, H, T, D / g) with groups of g channels per token. Per channel
     over blocks of G tokens (block > 1): packed (B, H, T/G, D, ceil(G * bits / 8)), scale/offset
     (B, H, T/G, D). Dim 2 runs along the sequence either way."""
 
@@ -43,11 +44,17 @@ class PackedTokens:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset))
 
 
-def quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None, zero_point: bool) -> PackedTokens:
+def quantize_tokens(x: torch.Tensor, bits: int, clip: tuple[float, ...] | None, zero_point: bool,
+                    group: int | None = None) -> PackedTokens:
+    """Per-token groups of `group` channels (None = the whole row, one scale per token)."""
     b, h, n, d = x.shape
-    q = quantize(x.reshape(-1, d), bits, group_size=d, clip_ratios=clip, zero_point=zero_point)  # a group per row
+    g = group or d
+    if d % g:
+        raise ValueError(f"expected a token group dividing the head size {d}, got {g}")
+    q = quantize(x.reshape(-1, d), bits, group_size=g, clip_ratios=clip, zero_point=zero_point)  # (BHn, d / g) groups
     packed = pack_bits(q.codes, bits).reshape(b, h, n, -1)  # (B, H, n, ceil(d*bits/8))
-    return PackedTokens(packed, q.scale.reshape(b, h, n), q.offset.reshape(b, h, n))
+    shape = (b, h, n) if g == d else (b, h, n, d // g)
+    return PackedTokens(packed, q.scale.reshape(shape), q.offset.reshape(shape))
 
 
 def dequantize_tokens(p: PackedTokens, bits: int, d: int, dtype: torch.dtype) -> torch.Tensor:
@@ -55,7 +62,8 @@ def dequantize_tokens(p: PackedTokens, bits: int, d: int, dtype: torch.dtype) ->
         return dequantize_channels(p, bits, dtype)
     b, h, n, _ = p.packed.shape
     codes = unpack_bits(p.packed.reshape(b * h * n, -1), bits, d)  # (BHn, d)
-    x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, d, dtype=dtype)
+    scale = p.scale.reshape(b * h * n, -1)  # (BHn, groups)
+    x = dequantize(codes, scale, p.offset.reshape(b * h * n, -1), bits, d // scale.shape[1], dtype=dtype)
     return x.reshape(b, h, n, d)
 
 

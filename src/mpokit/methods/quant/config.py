@@ -32,13 +32,17 @@ class QuantConfig(MethodConfig):
       clip_search: per group, pick the range shrink (1.0 ... 0.6) with the least squared
         weight error (data-free). Off by default: on SmolLM2 it lowers the weight error but
         raises perplexity (it clips the largest, most salient weights). False = min/max RTN.
+        With algorithm="gptq" the search runs when GPTQ reaches each group, on the updated
+        weights, with each column's error weighted by its input energy (diag X^T X).
       mpo_cores: for layers already turned into MPO layers, which cores to quantize:
         "all", "central" (the big middle core) or "auxiliary" (the small outer cores).
       cache_weight: keep the dequantized weight after the first forward (faster generation,
         dense memory); off by default so the forward dequantizes on the fly.
       damp: GPTQ's diagonal damping, a fraction of the mean of diag(X^T X) (paper: 0.01).
       act_order: GPTQ walks columns by decreasing input energy (groups stay contiguous, their
-        ranges come from the unmodified weight). Off by default.
+        ranges come from the unmodified weight). Off by default; the "gptq" preset turns it and
+        clip_search on: SmolLM2 int4 g128, 2048 test tokens (dense 25.49, RTN 29.85): plain GPTQ
+        29.17, + range search 28.32, + act_order 28.41, both 27.05.
       calibration_tokens, calibration_context: GPTQ calibration size and window length. Windows
         of 128 (not 512): the first token of each window is an attention sink that every later
         token reads; with few of them in the Hessian GPTQ pushes error into their direction.
@@ -69,8 +73,6 @@ class QuantConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"expected algorithm in {ALGORITHMS}, got {self.algorithm!r}")
-        if self.algorithm == "gptq" and self.clip_search:
-            raise ValueError("expected clip_search=False with algorithm='gptq' (GPTQ sets its own ranges), got True")
         if not self.damp > 0:
             raise ValueError(f"expected damp > 0, got {self.damp}")
         if self.calibration_tokens < 2 or self.calibration_context < 2:

@@ -89,7 +89,9 @@ def gptq_module(module: nn.Module, gram: torch.Tensor, config: QuantConfig) -> Q
     """The GPTQ-quantized QuantLinear for one Linear/Conv1D, given its input Gram X^T X."""
     w = weight_matrix(module).detach()
     group = fitted_group(w.shape[1], config.group_size) if config.fit_groups else config.group_size
-    q = gptq_quantize(w, gram, config.bits, group, config.symmetric, config.zero_point, config.damp, config.act_order)
+    clip = DEFAULT_CLIP_RATIOS if config.clip_search else None
+    q = gptq_quantize(w, gram, config.bits, group, config.symmetric, config.zero_point, config.damp, config.act_order,
+                      clip_ratios=clip)
     new = QuantLinear.from_quantized(q, getattr(module, "bias", None), cache_weight=config.cache_weight, dtype=w.dtype)
     new.orig_type = type(module).__name__
     return new
