@@ -3,6 +3,7 @@
     python bench/bench_moe.py                         # E=32, k=3/8/16, 8192 test tokens, context 512
     python bench/bench_moe.py --tokens 2048 --ks 8    # quick look
     python bench/bench_moe.py --kernels               # only time the expert kernels (loop/gather/dense)
+    python bench/bench_moe.py --shared-experts 4 --ks 4 --refit   # 4 shared + 4 routed of 32 = 25%
 
 Every ratio compares against the dense model measured in the same process. FFN time is
 the sum over all FFNs of the minimum over --repeats runs on the same captured inputs
@@ -100,17 +101,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["routing"] == "router" and r["kernel"] == "loop"]
+    refit = [r for r in rows if r["routing"] == "router" and r["kernel"] == "loop" and r.get("refit")]
+    rows = [r for r in rows if r["routing"] == "router" and r["kernel"] == "loop" and not r.get("refit")]
     frac = [r["active_fraction"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(frac, [r["ppl_ratio"] for r in rows], "o-", label="perplexity / dense")
     ax.plot(frac, [r["ffn_time_ratio"] for r in rows], "s-", label="FFN time / dense")
+    if refit:
+        ax.plot([r["active_fraction"] for r in refit], [r["ppl_ratio"] for r in refit], "*", ms=10,
+                label="perplexity / dense, refit")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.axhline(1.3, color="C0", lw=0.5, ls="--", label="target perplexity ratio 1.3")
     ax.axhline(0.5, color="C1", lw=0.5, ls="--", label="target FFN time ratio 0.5")
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of experts computed (k / E)")
-    ax.set_title("MoEfication of SmolLM2-135M (same-run ratios)")
+    ax.set_xlabel("fraction of experts computed ((shared + k) / E)")
+    shared = rows[0]["shared_experts"] if rows else 0
+    ax.set_title(f"MoEfication of SmolLM2-135M, E={rows[0]['experts'] if rows else '?'}, {shared} shared "
+                 "(same-run ratios)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,7 +128,11 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--ks", default="3,8,16", help="comma-separated top-k values")
+    p.add_argument("--ks", default="3,8,16", help="comma-separated top-k values (routed experts)")
+    p.add_argument("--shared-experts", type=int, default=0, help="always-computed experts (counted in the "
+                   "active fraction)")
+    p.add_argument("--refit", action="store_true", help="after the plain rows, refit the output projections to the "
+                   "routing at max(ks) (as MoEficationConfig(refit=True) does) and evaluate again")
     p.add_argument("--features", default="activations", choices=["weights", "activations"])
     p.add_argument("--router-hidden", type=int, default=64)
     p.add_argument("--calibration-tokens", type=int, default=8192)
@@ -130,6 +141,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     p.add_argument("--kernels", action="store_true", help="only time the expert kernels")
+    p.add_argument("--save", default=None, help="also save the MoE model (top_k = max of --ks) to this folder")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_moe.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,10 +172,21 @@ def main() -> int:
     params_dense = count_params(model)
 
     config = MoEficationConfig(num_experts=args.experts, top_k=max(ks), cluster_features=args.features,
+                               shared_experts=args.shared_experts,
                                router_hidden=args.router_hidden, calibration_tokens=args.calibration_tokens,
                                calibration_context=args.context)
+    calibration_text = (DATA / "valid.txt").read_text()
+    calib_inputs = None
+    if args.refit:  # the dense FFN inputs compress_ fits on, kept to refit after the plain rows (same run)
+        from mpokit.calibration.stats import resolve_calibration
+        from mpokit.methods.moefication.router import collect_ffn_inputs
+        from mpokit.surgery.ffn import find_ffns
+
+        batches = resolve_calibration(None, tok, calibration_text, config.calibration_tokens,
+                                      config.calibration_context, "moefication")
+        calib_inputs = list(collect_ffn_inputs(model, find_ffns(model), batches, progress=False).values())
     start = time.perf_counter()
-    report = compress_(model, config, tokenizer=tok, calibration_text=(DATA / "valid.txt").read_text())
+    report = compress_(model, config, tokenizer=tok, calibration_text=calibration_text)
     compress_s = time.perf_counter() - start
     moes = moe_layers(model)
     print(f"moefication: {compress_s:.0f} s, mean router recall@{max(ks)} {report.extra['mean_router_recall']:.3f}",
@@ -172,26 +195,43 @@ def main() -> int:
     rows = []
     variants = [(k, "router", "loop") for k in ks] + [(ks[len(ks) // 2], "router", "dense")]
     variants += [(int(k), "oracle", "loop") for k in args.oracle_ks.split(",") if k]
-    for k, routing, kernel in variants:
-        set_top_k_(model, k)
-        for m in moes:
-            m.oracle_routing, m.forward_mode = routing == "oracle", kernel
-        res = perplexity(model, tok, test, **ppl_kw) if kernel == "loop" else None
-        t_dense, t_moe = time_pair(dense_mlps, moes, inputs, args.repeats) if routing == "router" else (None, None)
-        t1_dense, t1_moe = (time_pair(dense_mlps, moes, [x[:1] for x in inputs], args.repeats * 4)
-                            if routing == "router" else (None, None))
-        row = {"experts": args.experts, "top_k": k, "active_fraction": k / args.experts, "routing": routing,
-               "kernel": kernel, "ppl": res.perplexity if res else None,
-               "ppl_ratio": res.perplexity / dense_ppl.perplexity if res else None,
-               "ffn_ms_dense": 1e3 * t_dense if t_dense else None, "ffn_ms_moe": 1e3 * t_moe if t_moe else None,
-               "ffn_time_ratio": t_moe / t_dense if t_dense else None,
-               "decode_ffn_time_ratio": t1_moe / t1_dense if t1_dense else None,
-               "eval_seconds": res.seconds if res else None}
-        rows.append(row)
-        print(row, flush=True)
+    refit_stats = None
+    for refit in (False, True) if args.refit else (False,):
+        if refit:  # least-squares refit of every output projection to the router's selection at max(ks)
+            from mpokit.methods.moefication.refit import refit_output_
+
+            set_top_k_(model, max(ks))
+            for m in moes:
+                m.oracle_routing, m.forward_mode = False, "auto"
+            start = time.perf_counter()
+            refit_stats = [refit_output_(m, x, config.refit_ridge) for m, x in zip(moes, calib_inputs)]
+            print(f"refit: {time.perf_counter() - start:.0f} s", flush=True)
+            variants = [(max(ks), "router", "loop")] + [v for v in variants if v[1] == "oracle"]
+        for k, routing, kernel in variants:
+            set_top_k_(model, k)
+            for m in moes:
+                m.oracle_routing, m.forward_mode = routing == "oracle", kernel
+            res = perplexity(model, tok, test, **ppl_kw) if kernel == "loop" else None
+            t_dense, t_moe = time_pair(dense_mlps, moes, inputs, args.repeats) if routing == "router" else (None, None)
+            t1_dense, t1_moe = (time_pair(dense_mlps, moes, [x[:1] for x in inputs], args.repeats * 4)
+                                if routing == "router" else (None, None))
+            row = {"experts": args.experts, "shared_experts": args.shared_experts, "refit": refit,
+                   "top_k": k, "active_fraction": (args.shared_experts + k) / args.experts, "routing": routing,
+                   "kernel": kernel, "ppl": res.perplexity if res else None,
+                   "ppl_ratio": res.perplexity / dense_ppl.perplexity if res else None,
+                   "ffn_ms_dense": 1e3 * t_dense if t_dense else None, "ffn_ms_moe": 1e3 * t_moe if t_moe else None,
+                   "ffn_time_ratio": t_moe / t_dense if t_dense else None,
+                   "decode_ffn_time_ratio": t1_moe / t1_dense if t1_dense else None,
+                   "eval_seconds": res.seconds if res else None}
+            rows.append(row)
+            print(row, flush=True)
     for m in moes:
         m.oracle_routing, m.forward_mode = False, "auto"
     set_top_k_(model, max(ks))
+    if args.save:
+        from mpokit.io import save_compressed
+
+        save_compressed(model, args.save, tok, extra={"source": lm.source, "report": report.to_dict()})
 
     result = {
         "bench": "moefication", "model": lm.source, "env": env, "eval": dense_ppl.to_dict() | {"perplexity": None},
@@ -199,13 +239,15 @@ def main() -> int:
         "compress_seconds": compress_s, "config": config.to_dict(), "timing_tokens": int(inputs[0].shape[0]),
         "router_recall_at_max_k": report.extra["mean_router_recall"],
         "per_layer_router_recall": [r.detail["router_recall"] for r in report.layers], "rows": rows,
+        "refit_rel_errors": refit_stats,
         "argv": sys.argv[1:],
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))
-    print_table(rows, ["top_k", "active_fraction", "routing", "kernel", "ppl", "ppl_ratio", "ffn_ms_dense",
-                       "ffn_ms_moe", "ffn_time_ratio", "decode_ffn_time_ratio"],
-                title=f"MoEfication E={args.experts}, WikiText-2 test {dense_ppl.tokens} tokens, context "
+    print_table(rows, ["shared_experts", "refit", "top_k", "active_fraction", "routing", "kernel", "ppl", "ppl_ratio",
+                       "ffn_ms_dense", "ffn_ms_moe", "ffn_time_ratio", "decode_ffn_time_ratio"],
+                title=f"MoEfication E={args.experts} (shared {args.shared_experts}, refit {args.refit}), "
+                      f"WikiText-2 test {dense_ppl.tokens} tokens, context "
                       f"{args.context}; dense ppl {dense_ppl.perplexity:.3f}")
     print(f"wrote {out}")
     return 0

@@ -24,6 +24,17 @@ def test_cli_moefication_one_layer(tmp_path):
     assert not isinstance(model.model.layers[1].mlp, MoEFFN)
 
 
+def test_cli_moefication_shared_refit_one_layer(tmp_path):
+    out = tmp_path / "moe"
+    assert main(["compress", "--method", "moefication", "--experts", "32", "--shared-experts", "6", "--refit",
+                 "--targets-regex", r"model\.layers\.0\.mlp", "--calibration-tokens", "2048", "--out", str(out)]) == 0
+    moe = load_compressed(out).model.layers[0].mlp
+    assert isinstance(moe, MoEFFN) and moe.shared_experts == 6 and moe.top_k == 2  # 25% active in total
+    assert main(["compress", "--method", "moefication-refit", "--targets-regex", r"model\.layers\.0\.mlp",
+                 "--calibration-tokens", "2048", "--out", str(tmp_path / "preset")]) == 0
+    assert load_compressed(tmp_path / "preset").model.layers[0].mlp.shared_experts == 6
+
+
 def test_cli_share_and_mpoe(tmp_path):
     assert main(["compress", "--method", "share", "--groups", "0", "--max-bond", "16", "--targets-regex",
                  r"model\.layers\.[01]\.self_attn\.q_proj", "--out", str(tmp_path / "share")]) == 0

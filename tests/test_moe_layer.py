@@ -122,3 +122,65 @@ def test_auto_kernel_choice():
     x, sel = torch.randn(3, 5, dtype=torch.float64), torch.tensor([[0, 1], [1, 2], [2, 3]])
     torch.testing.assert_close(run_experts("auto", x, sel, w_in, b_in, w_out, F.silu, True),
                                run_experts("loop", x, sel, w_in, b_in, w_out, F.silu, True))
+
+
+def test_shared_experts_match_masked_reference():
+    ffn = _dense(True, n=16)
+    moe = MoEFFN.from_dense(ffn, torch.arange(16) // 4, top_k=1, shared_experts=1)
+    x = torch.randn(9, 8, dtype=torch.float64)
+    sel = moe.select(x)
+    assert sel.min() >= 1 and moe.router.net[-1].out_features == 3  # the router never scores the shared expert
+    contrib = moe.expert_outputs(x)  # (T, E, d)
+    picked = torch.zeros(9, 4, dtype=torch.float64).scatter_(1, sel, 1.0)
+    picked[:, 0] = 1.0  # shared: always on
+    expected = (contrib * picked[..., None]).sum(1)
+    for mode in ("loop", "gather", "dense"):
+        moe.forward_mode = mode
+        torch.testing.assert_close(moe(x), expected, rtol=1e-10, atol=1e-10)
+    moe.shared_experts = 0  # negative control: without the shared expert the output differs
+    assert not torch.allclose(moe(x[:, :]), expected, atol=1e-6)
+    moe.shared_experts = 1
+    moe.top_k = 3  # all routed experts + the shared one = the dense FFN
+    torch.testing.assert_close(moe(x), ffn(x), rtol=1e-10, atol=1e-10)
+    assert torch.equal(moe.to_dense_ffn().up, ffn.up)
+    with pytest.raises(ValueError, match="shared_experts"):
+        MoEFFN.from_dense(ffn, torch.arange(16) // 4, top_k=1, shared_experts=4)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEFFN.from_dense(ffn, torch.arange(16) // 4, top_k=4, shared_experts=1)
+
+
+def test_shared_spec_round_trip_and_old_specs():
+    moe = MoEFFN.from_dense(_dense(True, n=16), torch.arange(16) // 4, top_k=2, shared_experts=1)
+    clone = MoEFFN.from_spec(moe.spec(), dtype=torch.float64)
+    clone.load_state_dict(moe.state_dict())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(clone(x), moe(x)) and clone.spec() == moe.spec()
+    old = {k: v for k, v in moe.spec().items() if k != "shared_experts"}
+    assert MoEFFN.from_spec(old, dtype=torch.float64).shared_experts == 0  # specs saved before the option
+
+
+def test_refit_lowers_output_error():
+    from mpokit.methods.moefication.refit import refit_output_
+
+    ffn = _dense(True, n=16)
+    ffn.up_bias = torch.full((16,), 4.0, dtype=torch.float64)  # outputs with a mean: the bias term matters
+    labels = torch.arange(16) // 2  # 8 experts of 2
+    calib, test = torch.randn(400, 8, dtype=torch.float64), torch.randn(200, 8, dtype=torch.float64)
+    moe = MoEFFN.from_dense(ffn, labels, top_k=3, shared_experts=1)
+    plain = MoEFFN.from_dense(ffn, labels, top_k=3, shared_experts=1)
+    plain.router.load_state_dict(moe.router.state_dict())  # same routing: only the refit differs
+
+    def rel_err(m, x):
+        with torch.no_grad():
+            return float((m(x) - ffn(x)).norm() / ffn(x).norm())
+
+    stats = refit_output_(moe, calib, ridge=1e-4)
+    assert moe.b_out is not None and moe.spec()["bias_out"]
+    assert stats["rel_error_before"] == pytest.approx(rel_err(plain, calib), rel=1e-6)
+    assert stats["rel_error_after"] == pytest.approx(rel_err(moe, calib), rel=1e-4)
+    assert rel_err(moe, test) < 0.9 * rel_err(plain, test)  # also on held-out inputs
+    full = MoEFFN.from_dense(ffn, labels, top_k=7, shared_experts=1)  # nothing skipped: the refit changes nothing
+    refit_output_(full, calib, ridge=0.0)
+    torch.testing.assert_close(full(test), ffn(test), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="ridge"):
+        refit_output_(moe, calib, ridge=-1.0)

@@ -1,6 +1,8 @@
 """MoEfication on tiny llama (SwiGLU), gpt2 and bert: routers, exactness at k = E, unload, save/load."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -115,3 +117,62 @@ def test_neuron_features_are_unit_rows():
     assert f.shape == (12, 30) and torch.allclose(f.norm(dim=1), torch.ones(12))
     with pytest.raises(ValueError, match="calibration activations"):
         neuron_features(up, None, None, "activations")
+
+
+def test_shared_experts_and_refit(tmp_path):
+    base, ids, calib = tiny_llama(), _batches(128, 1)[0], _batches(128, 24, 64)  # 1536 tokens for 129 unknowns
+    model = copy.deepcopy(base)
+    before = _logits(model, ids)
+    report = compress_(model, _config(shared_experts=2, top_k=6), progress=False, batches=calib)
+    assert report.extra["active_fraction"] == 1.0 and report.extra["shared_experts"] == 2
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-5, atol=1e-5)  # every expert: exact
+    moe = moe_layers(model)[0]
+    assert moe.shared_experts == 2 and moe.router.net[-1].out_features == 6
+    set_top_k_(model, 2)  # 4 of 8 experts computed
+    plain = _logits(model, ids)
+    assert not torch.allclose(plain, before, atol=1e-4)  # negative control: skipping experts changes the output
+    with pytest.raises(ValueError, match="routed experts"):
+        set_top_k_(model, 7)
+    refit = copy.deepcopy(base)  # the same dense model
+    report = compress_(refit, _config(shared_experts=2, top_k=2, refit=True), progress=False, batches=calib)
+    errors = [(r.detail["rel_error_before"], r.detail["rel_error_after"]) for r in report.layers]
+    assert all(after < before_ for before_, after in errors), errors
+    fitted = _logits(refit, ids)
+    assert (fitted - before).norm() < (plain - before).norm()  # closer to the dense model than without refit
+    save_compressed(refit, tmp_path / "ckpt")
+    loaded = load_compressed(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded, ids), fitted)
+    assert [m.spec() for m in moe_layers(loaded)] == [m.spec() for m in moe_layers(refit)]
+    set_top_k_(refit, 6)
+    every_expert = _logits(refit, ids)
+    unload_(refit)  # the refit FFN back as a dense one: equals the MoE with every expert selected
+    assert not moe_layers(refit)
+    torch.testing.assert_close(_logits(refit, ids), every_expert, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_experts_hold_the_strongest_neurons():
+    from mpokit.methods.moefication.transform import assign_experts
+    from mpokit.surgery.ffn import read_ffn
+
+    model = tiny_llama()
+    dense = read_ffn(model, find_ffns(model)[0])
+    hidden = torch.randn(50, dense.neurons)
+    size = dense.neurons // 8
+    hidden[:, :2 * size] *= 10  # 2 experts' worth of strong neurons
+    labels = assign_experts(dense, hidden, _config(shared_experts=2, cluster_features="activations"), seed=0)
+    assert torch.bincount(labels).tolist() == [size] * 8
+    strongest = hidden.abs().mean(0).argsort(descending=True)[:2 * size]
+    assert set(labels[strongest].tolist()) == {0, 1} and (labels[strongest[:size]] == 0).all()
+    plain = assign_experts(dense, hidden, _config(cluster_features="activations"), seed=0)
+    assert set(plain[strongest].tolist()) != {0, 1}  # negative control: without sharing they are spread by k-means
+
+
+def test_shared_config_validation():
+    assert MoEficationConfig(num_experts=32, shared_experts=2).top_k == 6  # 25% of the FFN in total
+    assert MoEficationConfig(num_experts=32, shared_experts=8).top_k == 1
+    with pytest.raises(ValueError, match="shared_experts"):
+        MoEficationConfig(num_experts=8, shared_experts=8)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEficationConfig(num_experts=8, shared_experts=2, top_k=7)
+    with pytest.raises(ValueError, match="refit_ridge"):
+        MoEficationConfig(refit=True, refit_ridge=-1.0)

@@ -10,7 +10,7 @@ from mpokit.methods.presets import PRESETS, build_config, needs_calibration
 # A method package adding a flag adds its dest here (an option that does not apply to the
 # chosen --method is reported as an error by build_config).
 CONFIG_OPTIONS = ["budget", "max_bond", "cutoff", "num_cores", "calibration_tokens", "bits", "group_size",
-                  "num_experts", "top_k", "groups"]
+                  "num_experts", "top_k", "shared_experts", "refit", "groups"]
 
 HELP = "compress a model (default: the embedded SmolLM2-135M-Instruct) and save it"
 
@@ -33,6 +33,10 @@ def add_arguments(p) -> None:
     p.add_argument("--experts", dest="num_experts", type=int, default=None,
                    help="experts per FFN for --method moefication (default 32) / mpoe (default 8)")
     p.add_argument("--top-k", type=int, default=None, help="experts computed per token (moefication, mpoe)")
+    p.add_argument("--shared-experts", type=int, default=None,
+                   help="--method moefication: experts' worth of top neurons every token computes (default 0)")
+    p.add_argument("--refit", action="store_const", const=True, default=None,
+                   help="--method moefication: refit the down projections to the routed selection (least squares)")
     p.add_argument("--groups", type=int, default=None,
                    help="--method share: layers per group sharing a central core (1 = none, 0 = all; default 0)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -5,6 +5,11 @@ up rows (ReLU/GELU FFNs), biases, and their down-projection columns. With all ex
 selected the layer equals the dense FFN; with top-k it computes k/E of the FFN work
 (see ops/experts.py for the kernels), plus a small router MLP that scores experts per
 token by their predicted share of the output (MoEfication, Zhang et al. 2022).
+
+shared_experts s: experts 0..s-1 are always computed (a DeepSeek-MoE style shared expert;
+MoEfication puts the neurons with the highest mean |activation| there); the router scores
+and top_k counts only the E - s routed experts, so a token computes (s + top_k) / E of the
+FFN. (The output projection may also be refit to the sparse routing: methods/moefication/refit.py.)
 """
 from __future__ import annotations
 
@@ -43,10 +48,13 @@ class MoEFFN(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, expert_size: int, top_k: int, act: str, gated: bool,
                  out_features: int | None = None, bias_in: bool = False, bias_out: bool = False,
                  router_hidden: int = 64, site_kind: str = "gated", forward_mode: str = "auto",
-                 device=None, dtype=None):
+                 shared_experts: int = 0, device=None, dtype=None):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"expected 1 <= top_k <= num_experts={num_experts}, got {top_k}")
+        if not 0 <= shared_experts < num_experts:
+            raise ValueError(f"expected 0 <= shared_experts < num_experts={num_experts}, got {shared_experts}")
+        if not 1 <= top_k <= num_experts - shared_experts:
+            raise ValueError(f"expected 1 <= top_k <= num_experts - shared_experts={num_experts - shared_experts}, "
+                             f"got {top_k}")
         if forward_mode not in MOE_FORWARD_MODES:
             raise ValueError(f"expected forward_mode in {MOE_FORWARD_MODES}, got {forward_mode!r}")
         out_features = out_features or hidden_size
@@ -54,13 +62,14 @@ class MoEFFN(nn.Module):
         self.hidden_size, self.out_features = hidden_size, out_features
         self.num_experts, self.expert_size, self.top_k = num_experts, expert_size, top_k
         self.act, self.gated, self.site_kind, self.forward_mode = act, gated, site_kind, forward_mode
+        self.shared_experts = shared_experts
         self.act_fn = activation(act)
         kw = {"device": device, "dtype": dtype}
         self.w_in = nn.Parameter(torch.zeros(num_experts, g * expert_size, hidden_size, **kw))
         self.b_in = nn.Parameter(torch.zeros(num_experts, g * expert_size, **kw)) if bias_in else None
         self.w_out = nn.Parameter(torch.zeros(num_experts, expert_size, out_features, **kw))
         self.b_out = nn.Parameter(torch.zeros(out_features, **kw)) if bias_out else None
-        self.router = ExpertRouter(hidden_size, num_experts, router_hidden, **kw)
+        self.router = ExpertRouter(hidden_size, num_experts - shared_experts, router_hidden, **kw)
         self.oracle_routing = False
         # neuron_order[j] = index in the dense FFN of the j-th neuron in expert order
         self.register_buffer("neuron_order", torch.arange(num_experts * expert_size, device=device))
@@ -68,8 +77,9 @@ class MoEFFN(nn.Module):
     # ---- conversion --------------------------------------------------------------
     @classmethod
     def from_dense(cls, ffn: DenseFFN, labels: torch.Tensor, top_k: int, router_hidden: int = 64,
-                   site_kind: str = "gated", forward_mode: str = "auto") -> "MoEFFN":
-        """Experts from a neuron -> expert assignment `labels` (N,) with equal counts per expert."""
+                   site_kind: str = "gated", forward_mode: str = "auto", shared_experts: int = 0) -> "MoEFFN":
+        """Experts from a neuron -> expert assignment `labels` (N,) with equal counts per expert;
+        experts 0..shared_experts-1 are the always-computed shared ones."""
         labels = torch.as_tensor(labels, device="cpu").long()
         if labels.shape != (ffn.neurons,):
             raise ValueError(f"expected labels of shape ({ffn.neurons},), got {tuple(labels.shape)}")
@@ -79,7 +89,7 @@ class MoEFFN(nn.Module):
         E, m = counts.numel(), int(counts[0])
         has_in_bias = any(b is not None for b in (ffn.up_bias, ffn.gate_bias))
         layer = cls(ffn.hidden, E, m, top_k, ffn.act, ffn.gated, ffn.down.shape[0], has_in_bias,
-                    ffn.down_bias is not None, router_hidden, site_kind, forward_mode,
+                    ffn.down_bias is not None, router_hidden, site_kind, forward_mode, shared_experts,
                     device=ffn.up.device, dtype=ffn.up.dtype)
         order = torch.argsort(labels, stable=True).to(ffn.up.device)  # expert-major neuron order
 
@@ -120,31 +130,57 @@ class MoEFFN(nn.Module):
                             down_bias=down_bias)
         return DenseFFN(up=dense_w[0], down=down, act=self.act, up_bias=dense_b[0], down_bias=down_bias)
 
+    @property
+    def routed_experts(self) -> int:
+        return self.num_experts - self.shared_experts
+
     # ---- compute -----------------------------------------------------------------
-    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, d) -> (T, E, d_out): every expert's contribution (calibration targets, analysis)."""
+    def expert_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (T, E, m): every expert's intermediate activations."""
         h = torch.einsum("td,egd->teg", x, self.w_in)  # (T, E, g*m)
         if self.b_in is not None:
             h = h + self.b_in
-        return torch.einsum("tem,emd->ted", expert_activation(h, self.act_fn, self.gated), self.w_out)
+        return expert_activation(h, self.act_fn, self.gated)
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (T, E, d_out): every expert's contribution (calibration targets, analysis)."""
+        return torch.einsum("tem,emd->ted", self.expert_hidden(x), self.w_out)
+
+    def routing_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (T, E - shared): the norm of each routed expert's output, what skipping it
+        costs: the ranking a router should learn."""
+        return self.expert_outputs(x)[:, self.shared_experts:].norm(dim=-1)
 
     def select(self, x2: torch.Tensor) -> torch.Tensor:
-        """(T, d) -> (T, top_k) expert ids with the highest router scores.
+        """(T, d) -> (T, top_k) routed expert ids (in [shared_experts, E)) with the highest router scores.
 
         With `oracle_routing = True` (analysis only: it computes every expert) the true
-        contribution norms replace the router's scores, which separates router error from
+        routing targets replace the router's scores, which separates router error from
         the error of dropping experts at all.
         """
-        scores = self.expert_outputs(x2).norm(dim=-1) if self.oracle_routing else self.router(x2)  # (T, E)
-        return scores.topk(self.top_k, dim=-1).indices
+        scores = self.routing_targets(x2) if self.oracle_routing else self.router(x2)  # (T, E - shared)
+        return scores.topk(self.top_k, dim=-1).indices + self.shared_experts
+
+    def shared_output(self, x2: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (T, d_out): the always-on experts as one dense FFN slice."""
+        s, gm = self.shared_experts, self.w_in.shape[1]
+        b = None if self.b_in is None else self.b_in[:s].reshape(-1)
+        h = torch.nn.functional.linear(x2, self.w_in[:s].reshape(s * gm, -1), b)  # (T, s*g*m)
+        h = expert_activation(h.view(-1, s, gm), self.act_fn, self.gated)  # (T, s, m)
+        return h.reshape(h.shape[0], -1) @ self.w_out[:s].reshape(-1, self.out_features)  # (T, d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"expected input with last dim {self.hidden_size}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size)  # (T, d)
-        sel = self.select(x2)  # (T, k)
-        y = run_experts(self.forward_mode, x2, sel, self.w_in, self.b_in, self.w_out, self.act_fn, self.gated)
+        s = self.shared_experts
+        sel = self.select(x2)  # (T, k) in [s, E)
+        b_in = None if self.b_in is None else self.b_in[s:]
+        y = run_experts(self.forward_mode, x2, sel - s, self.w_in[s:], b_in, self.w_out[s:], self.act_fn,
+                        self.gated)
+        if s:
+            y = y + self.shared_output(x2)
         if self.b_out is not None:
             y = y + self.b_out
         return y.reshape(*lead, self.out_features)
@@ -154,23 +190,26 @@ class MoEFFN(nn.Module):
         return self.w_in[0].numel() + self.w_out[0].numel() + (self.b_in[0].numel() if self.b_in is not None else 0)
 
     def active_params(self) -> int:
-        """Parameters touched per token: top_k experts, the output bias and the router."""
+        """Parameters touched per token: shared + top_k experts, the output bias and the router."""
         router = sum(p.numel() for p in self.router.parameters())
-        return self.top_k * self.expert_params() + (self.b_out.numel() if self.b_out is not None else 0) + router
+        return ((self.shared_experts + self.top_k) * self.expert_params()
+                + (self.b_out.numel() if self.b_out is not None else 0) + router)
 
     def spec(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "hidden_size": self.hidden_size, "out_features": self.out_features,
                 "num_experts": self.num_experts, "expert_size": self.expert_size, "top_k": self.top_k,
                 "act": self.act, "gated": self.gated, "bias_in": self.b_in is not None,
                 "bias_out": self.b_out is not None, "router_hidden": self.router.router_hidden,
-                "site_kind": self.site_kind, "forward_mode": self.forward_mode}
+                "site_kind": self.site_kind, "forward_mode": self.forward_mode,
+                "shared_experts": self.shared_experts}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "MoEFFN":
         return cls(spec["hidden_size"], spec["num_experts"], spec["expert_size"], spec["top_k"], spec["act"],
                    spec["gated"], spec["out_features"], spec["bias_in"], spec["bias_out"], spec["router_hidden"],
-                   spec["site_kind"], spec.get("forward_mode", "auto"), device=device, dtype=dtype)
+                   spec["site_kind"], spec.get("forward_mode", "auto"), spec.get("shared_experts", 0),
+                   device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}x{self.expert_size} neurons, top_k={self.top_k}, act={self.act}, "
-                f"gated={self.gated}, mode={self.forward_mode}")
+                f"gated={self.gated}, mode={self.forward_mode}, shared={self.shared_experts}")

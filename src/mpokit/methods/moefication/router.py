@@ -39,9 +39,9 @@ def collect_ffn_inputs(model: nn.Module, sites: list[FFNSite], batches: list[tor
 
 @torch.no_grad()
 def expert_targets(moe: MoEFFN, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """(T, E) norm of each expert's contribution to the FFN output: what the router should rank."""
+    """(T, E - shared) norm of each routed expert's contribution to the FFN output: what the router should rank."""
     w = next(moe.parameters())
-    return torch.cat([moe.expert_outputs(x[i:i + chunk].to(w.dtype)).float().norm(dim=-1)
+    return torch.cat([moe.routing_targets(x[i:i + chunk].to(w.dtype)).float()
                       for i in range(0, x.shape[0], chunk)])
 
 
@@ -68,14 +68,14 @@ def fit_router(moe: MoEFFN, x: torch.Tensor, steps: int, lr: float, batch: int, 
     """
     gen = torch.Generator().manual_seed(seed)
     x = x.to(moe.w_in.device, torch.float32)
-    targets = expert_targets(moe, x)  # (T, E)
+    targets = expert_targets(moe, x)  # (T, E - shared)
     x, targets = x.cpu(), targets.cpu()  # index on CPU, move each batch
     perm = torch.randperm(x.shape[0], generator=gen)
     n_val = max(1, int(holdout * x.shape[0])) if x.shape[0] > 10 else 0
     val, train = perm[:n_val], perm[n_val:]
     dtype = next(moe.router.parameters()).dtype
     router = moe.router.float().train()
-    share = targets / targets.sum(-1, keepdim=True).clamp_min(1e-12)  # (T, E)
+    share = targets / targets.sum(-1, keepdim=True).clamp_min(1e-12)  # (T, E - shared)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     loss_value = float("nan")

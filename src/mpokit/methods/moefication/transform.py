@@ -10,6 +10,7 @@ from mpokit.layers.moe import MoEFFN
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.moefication.clustering import balanced_kmeans, neuron_features
 from mpokit.methods.moefication.config import MoEficationConfig
+from mpokit.methods.moefication.refit import refit_output_
 from mpokit.methods.moefication.router import collect_ffn_inputs, fit_router
 from mpokit.surgery.ffn import find_ffns, install_ffn, read_ffn
 
@@ -36,28 +37,49 @@ def moefy(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrati
         dense = read_ffn(model, site)
         x = inputs.pop(site.module_name)  # (T, d) float32
         hidden = None
-        if config.cluster_features == "activations":
+        if config.cluster_features == "activations" or config.shared_experts:
             with torch.no_grad():
                 hidden = dense.hidden_states(x[:CLUSTER_TOKENS].to(dense.up.device, dense.up.dtype))
-        feats = neuron_features(dense.up, dense.gate, hidden, config.cluster_features)
-        labels = balanced_kmeans(feats, config.num_experts, config.cluster_backend, seed=config.seed + i)
-        moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode)
+        labels = assign_experts(dense, hidden, config, seed=config.seed + i)
+        moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode,
+                                config.shared_experts)
         quality = fit_router(moe, x, config.router_steps, config.router_lr, config.router_batch, seed=config.seed + i)
+        if config.refit:
+            quality.update(refit_output_(moe, x, config.refit_ridge))
         install_ffn(model, site, moe)
         report.layers.append(LayerRecord(
             name=site.module_name, kind="moe", shape=(dense.neurons, dense.hidden), params_before=dense.numel(),
             params_after=sum(p.numel() for p in moe.parameters()),
             detail={"experts": moe.num_experts, "expert_size": moe.expert_size, "top_k": moe.top_k,
                     "active_params": moe.active_params(), "router_recall": quality["recall"],
-                    "router_mass": quality["mass"], "router_loss": quality["loss"]}))
+                    "router_mass": quality["mass"], "router_loss": quality["loss"],
+                    **{k: v for k, v in quality.items() if k.startswith("rel_error")}}))
     active = sum(r.detail["active_params"] for r in report.layers)
     report.extra.update({
-        "experts": config.num_experts, "top_k": config.top_k, "active_fraction": config.top_k / config.num_experts,
+        "experts": config.num_experts, "shared_experts": config.shared_experts, "top_k": config.top_k,
+        "active_fraction": (config.shared_experts + config.top_k) / config.num_experts,
         "ffn_active_params": active, "ffn_active_ratio": active / max(report.params_before, 1),
         "mean_router_recall": sum(r.detail["router_recall"] for r in report.layers) / len(report.layers),
         "calibration_tokens": tokens,
     })
     return report
+
+
+def assign_experts(dense, hidden: torch.Tensor | None, config: MoEficationConfig, seed: int) -> torch.Tensor:
+    """Neuron -> expert labels (N,): experts 0..s-1 hold the s * N / E neurons with the highest
+    mean |activation| (hidden (T, N)), the rest are balanced k-means clusters s..E-1."""
+    n, s = dense.neurons, config.shared_experts
+    size = n // config.num_experts
+    labels = torch.empty(n, dtype=torch.long)
+    rest = torch.arange(n)
+    if s:
+        ranked = hidden.detach().abs().float().mean(0).argsort(descending=True).cpu()  # (N,)
+        labels[ranked[:s * size]] = torch.arange(s * size) // size
+        rest = ranked[s * size:].sort().values
+    feats = neuron_features(dense.up[rest], None if dense.gate is None else dense.gate[rest],
+                            None if hidden is None else hidden[:, rest.to(hidden.device)], config.cluster_features)
+    labels[rest] = balanced_kmeans(feats, config.num_experts - s, config.cluster_backend, seed=seed) + s
+    return labels
 
 
 def moe_layers(model: nn.Module) -> list[MoEFFN]:
@@ -68,7 +90,7 @@ def set_top_k_(model: nn.Module, top_k: int) -> int:
     """Change how many experts every MoEFFN computes (no re-clustering needed); returns the layer count."""
     layers = moe_layers(model)
     for m in layers:
-        if not 1 <= top_k <= m.num_experts:
-            raise ValueError(f"expected 1 <= top_k <= {m.num_experts}, got {top_k}")
+        if not 1 <= top_k <= m.routed_experts:
+            raise ValueError(f"expected 1 <= top_k <= {m.routed_experts} routed experts, got {top_k}")
         m.top_k = top_k
     return len(layers)
