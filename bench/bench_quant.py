@@ -282,20 +282,20 @@ def part_minilm(args) -> dict:
     from mpokit import compress_
     from mpokit.io.models import minilm_path
     from mpokit.surgery import find_targets
+    from mpokit.train.data import read_sst2
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    lines = (DATA / "sst2" / "dev.tsv").read_text().splitlines()[1:]
-    sentences = [line.split("\t", 1)[1] for line in lines][: args.minilm_n]
+    sentences = [text for _, text in read_sst2(DATA / "sst2" / "dev.tsv", limit=args.minilm_n)]
     ref = _embed(dense, tok, sentences)
     targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
     names = find_targets(dense, targets)
     out = {"model": "all-MiniLM-L6-v2 (float32)", "sentences": f"first {len(sentences)} SST-2 dev sentences",
            "metric": "cosine(mean-pooled normalized embedding, float model's); weight SQNR over encoder linears",
            "dense_weight_bytes": _module_weight_bytes(dense, names), "runs": []}
-    train = [line.split("\t", 1)[1] for line in (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]]
-    calib = {"tokenizer": tok, "calibration_text": " ".join(train[:4000])}  # train sentences, never dev
+    train = [text for _, text in read_sst2(DATA / "sst2" / "train.tsv", limit=4000)]
+    calib = {"tokenizer": tok, "calibration_text": " ".join(train)}  # train sentences, never dev
     for group in args.groups:
         for bits in args.bits:
             for peer in [p for p in ("mpokit", "gptq", "mpokit-float", "quanto") if p in args.peers]:

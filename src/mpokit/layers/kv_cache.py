@@ -15,6 +15,8 @@ Per-token min/max ranges are refined by a small MSE search over range shrink fac
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
@@ -55,7 +57,6 @@ class KVQuantLayer(BaseQuantizedLayer):
                  sink_length: int = 0, token_group: int | None = None, rotate: bool = False):
         super().__init__()
         self.rotate = rotate
-        self._rotation: torch.Tensor | None = None  # (D, D), built at the first quantization
         if token_group is not None and token_group < 1:
             raise ValueError(f"expected token_group >= 1 or None, got {token_group}")
         self.token_group = token_group
@@ -99,11 +100,6 @@ class KVQuantLayer(BaseQuantizedLayer):
         self._small[which] = fit_small_core(flat, self.small_dim, self.alpha).to(STORE_DTYPE)
         self._small_inv[which] = torch.linalg.inv(self._small[which].float())
 
-    def _rotation_matrix(self, d: int) -> torch.Tensor:
-        if self._rotation is None or self._rotation.shape[0] != d:
-            self._rotation = orthonormal_mixer(d)
-        return self._rotation
-
     def _encode(self, x: torch.Tensor, which: str) -> torch.Tensor:
         """Rows -> what gets quantized: the large core (DecoQuant), then the rotation if any."""
         if self._decomposed(which):
@@ -111,10 +107,10 @@ class KVQuantLayer(BaseQuantizedLayer):
                 self._n_plain[which] = self._n_plain.get(which, 0) + x.shape[-2]
             else:
                 x = to_large_core(x.float(), self._small_inv[which])
-        return x @ self._rotation_matrix(x.shape[-1]) if self._rotated(which) else x
+        return x @ orthonormal_mixer(x.shape[-1], x.device) if self._rotated(which) else x
 
     def _decode(self, large: torch.Tensor, which: str) -> torch.Tensor:
-        x = large @ self._rotation_matrix(large.shape[-1]).T if self._rotated(which) else large
+        x = large @ orthonormal_mixer(large.shape[-1], large.device).T if self._rotated(which) else large
         if self._decomposed(which) and which in self._small:
             n = self._n_plain.get(which, 0)  # the first n tokens were stored before the core was fitted
             x = torch.cat([x[..., :n, :], from_large_core(x[..., n:, :], self._small[which].float())], dim=-2)
@@ -259,16 +255,17 @@ class KVQuantLayer(BaseQuantizedLayer):
         return 2 * b * h * self.cumulative_length * d * 2
 
 
-def orthonormal_mixer(d: int) -> torch.Tensor:
-    """(d, d) orthonormal: the Sylvester Hadamard matrix / sqrt(d) when d is a power of 2, else a
-    fixed-seed random rotation (QR of a Gaussian matrix)."""
+@functools.lru_cache(maxsize=None)
+def orthonormal_mixer(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(d, d) float32 orthonormal on `device`: the Sylvester Hadamard matrix / sqrt(d) when d is a power
+    of 2, else a fixed-seed random rotation (QR of a Gaussian matrix). Cached: every layer shares it."""
     if d & (d - 1) == 0:
         h = torch.ones(1, 1)
         while h.shape[0] < d:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return h / d ** 0.5
+        return (h / d ** 0.5).to(device)
     q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
+    return (q * torch.sign(torch.diagonal(r))).float().to(device)
 
 
 def _full_attention_layers(config) -> int:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from mpokit.ops.quant import SCALE_DTYPE, Quantized, _codes, _dequant_grouped, _mode, _params, check_bits, num_groups
+from mpokit.ops.quant import (SCALE_DTYPE, Quantized, _codes, _dequant_grouped, _mode, _params, check_bits, num_groups,
+                              search_range)
 
 __all__ = ["gptq_quantize", "output_error"]
 
@@ -29,17 +30,8 @@ def _group_params(w: torch.Tensor, bits: int, mode: str, clip_ratios=None, col_w
     lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)  # (rows, 1)
     if not clip_ratios:
         return _params(lo, hi, bits, mode)
-    best = None
-    for ratio in clip_ratios:
-        s, o = _params(lo * ratio, hi * ratio, bits, mode)
-        err = (_dequant_grouped(_codes(w, s, o, bits, mode), s, o, bits, mode) - w).square_() @ col_weight  # (rows,)
-        if best is None:
-            best = [err, s, o]
-            continue
-        better = (err < best[0])[:, None]  # (rows, 1)
-        best = [torch.minimum(err, best[0]), torch.where(better, s, best[1]),
-                None if o is None else torch.where(better, o, best[2])]
-    return best[1], best[2]
+    scale, offset, _ = search_range(w, lo, hi, bits, mode, clip_ratios, col_weight)
+    return scale, offset
 
 
 def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:

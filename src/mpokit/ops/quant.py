@@ -135,24 +135,32 @@ def _quantize_rows(w: torch.Tensor, bits: int, group_size: int, mode: str, clip_
     g = _grouped(w.detach().float(), group_size)  # (rows, groups, G)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)  # (rows, groups, 1)
     valid = (torch.arange(g.shape[1] * group_size, device=g.device) < cols).reshape(1, -1, group_size)  # padding
-    best = None
-    for ratio in clip_ratios or (1.0,):
-        scale, offset = _params(lo * ratio, hi * ratio, bits, mode)
-        q = _codes(g, scale, offset, bits, mode)
-        err = ((_dequant_grouped(q, scale, offset, bits, mode) - g).square_() * valid).sum(-1, keepdim=True)
-        if best is None:
-            best = [err, scale, offset, q]
-            continue
-        better = err < best[0]  # (rows, groups, 1)
-        best[0] = torch.where(better, err, best[0])
-        best[1] = torch.where(better, scale, best[1])
-        best[2] = None if offset is None else torch.where(better, offset, best[2])
-        best[3] = torch.where(better, q, best[3])
-    _, scale, offset, q = best
+    scale, offset, q = search_range(g, lo, hi, bits, mode, clip_ratios, valid)
     codes = q.reshape(rows, -1)[:, :cols].to(torch.uint8)  # (rows, cols)
     if offset is not None:
         offset = offset.squeeze(-1).to(torch.uint8 if mode == "zero_point" else SCALE_DTYPE)
     return codes, scale.squeeze(-1), offset
+
+
+def search_range(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, mode: str,
+                 clip_ratios: tuple[float, ...] | None, weight: torch.Tensor):
+    """Scale, offset and codes of grouped values g (..., G) with ranges [lo, hi] (..., 1): per group,
+    the range shrink in clip_ratios (None = min/max only) with the least sum of weight * error^2
+    (weight broadcasts against g: a padding mask, or each column's input energy for GPTQ)."""
+    best = None
+    for ratio in clip_ratios or (1.0,):
+        scale, offset = _params(lo * ratio, hi * ratio, bits, mode)
+        q = _codes(g, scale, offset, bits, mode)
+        err = ((_dequant_grouped(q, scale, offset, bits, mode) - g).square_() * weight).sum(-1, keepdim=True)
+        if best is None:
+            best = [err, scale, offset, q]
+            continue
+        better = err < best[0]  # (..., 1)
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        best[2] = None if offset is None else torch.where(better, offset, best[2])
+        best[3] = torch.where(better, q, best[3])
+    return best[1], best[2], best[3]
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group_size: int,
