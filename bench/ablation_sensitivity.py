@@ -65,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from mpokit.calibration import calibration_batches
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.eval import perplexity
     from mpokit.io.atomic import write_json
     from mpokit.io.models import load_model

@@ -131,7 +131,7 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one[0], float(args.one[1]), args)), flush=True)
         return
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
 
     jobs = [("dense", 1.0)] + [(m, b) for b in args.budgets for m in args.methods]
 

@@ -9,7 +9,7 @@ Students, each for --steps steps with the same data order, batch and learning ra
   OPDF   --opf-count Fisher-selected weights OPF-expanded, KD as above + beta * tensor constraint
          (MSE of student vs teacher auxiliary cores), contracted back after training (--method opdf)
 Accuracy: SST-2 dev, first --eval-limit rows, all in this one process. Results: results/bench_distill.json.
-Usage (README run): python bench/bench_distill.py --teacher-steps 200 --steps 200 --eval-limit 872 --threads 1
+Usage (the run in docs/benchmarks/finetune.md): python bench/bench_distill.py --teacher-steps 200 --steps 200 --eval-limit 872 --threads 1
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
     from mpokit.train.recipes import FinetuneOptions, finetune

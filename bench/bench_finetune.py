@@ -6,7 +6,7 @@ Learning rates: full and OPF use --lr (a usual BERT fine-tuning rate); the param
 methods (MPOP aux cores, LoRA) use the higher --lr-pe, as LoRA setups usually do (few parameters,
 zero-initialized adapter). Not tuned per method here.
 Results: results/bench_finetune.json (or --out).
-Usage (README run): python bench/bench_finetune.py --max-steps 400 --batch-size 16 --seq-len 64 --train-limit 20000
+Usage (the run in docs/benchmarks/finetune.md): python bench/bench_finetune.py --max-steps 400 --batch-size 16 --seq-len 64 --train-limit 20000
   --eval-limit 872 --threads 1 --out results/bench_finetune_long.json
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
     from mpokit.train.recipes import FinetuneOptions, finetune

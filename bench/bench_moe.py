@@ -155,7 +155,7 @@ def main() -> int:
         return 0
 
     from mpokit import compress_
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.eval import count_params, perplexity
     from mpokit.io.models import load_model
     from mpokit.methods.moefication import MoEficationConfig, moe_layers, set_top_k_

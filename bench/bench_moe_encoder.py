@@ -48,7 +48,7 @@ def main() -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     from mpokit import compress_
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.methods.moefication import MoEficationConfig, moe_layers
     from mpokit.methods.moefication.router import collect_ffn_inputs

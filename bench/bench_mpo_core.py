@@ -33,7 +33,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpokit.cli.common import print_table  # noqa: E402
+from mpokit.eval.table import print_table  # noqa: E402
 from mpokit.io import write_json  # noqa: E402
 from mpokit.io.models import load_model  # noqa: E402
 from mpokit.layers.mpo import MPOLinear, make_layout  # noqa: E402

@@ -63,7 +63,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from mpokit import compress_
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.eval import count_params, perplexity
     from mpokit.eval.perplexity import tokenize_prefix
     from mpokit.io.models import load_model

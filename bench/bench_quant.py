@@ -343,7 +343,7 @@ TABLE_COLUMNS = {
 
 
 def _markdown(rows: list[dict], cols: list[str]) -> str:
-    from mpokit.cli.common import fmt
+    from mpokit.eval.table import fmt
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -351,7 +351,7 @@ def _markdown(rows: list[dict], cols: list[str]) -> str:
 
 
 def print_tables(markdown: bool = False) -> None:
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
 
     for part, cols in TABLE_COLUMNS.items():
         for path in sorted(RESULTS.glob(f"bench_quant_{part}*.json")):

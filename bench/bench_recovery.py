@@ -7,7 +7,7 @@ The compressed checkpoint is made once (`mpokit compress --method whitened-svd .
 Recipes (--recipes, comma list): recover = every MPO core trains; mpop = auxiliary cores only;
 lora = PEFT LoRA on the frozen MPO layers. Each stops at --minutes of wall clock (hard limit) and its
 cosine schedule spans --max-steps (pick max_steps so the schedule ends within the minutes).
-Results: results/bench_recovery.json. Usage (the run in the README):
+Results: results/bench_recovery.json. Usage (the run in docs/benchmarks/finetune.md):
   python bench/bench_recovery.py --compressed /tmp/rec/wsvd-0.8 --recipes recover --max-steps 48 --minutes 15
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
     from mpokit.train.recipes import FinetuneOptions, finetune
@@ -62,10 +62,11 @@ def main(argv=None) -> int:
     test = (wt / "test.txt").read_text(encoding="utf-8")
     ckpt = Path(args.compressed)
     if not ckpt.exists():
-        from mpokit.cli.main import main as cli
+        import subprocess  # the CLI as a tool, not imported
 
-        cli(["compress", "--method", args.method, "--budget", str(args.budget), "--calibration",
-             str(wt / "valid.txt"), "--calibration-tokens", "4096", "--out", str(ckpt)])
+        subprocess.run([sys.executable, "-m", "mpokit", "compress", "--method", args.method, "--budget",
+                        str(args.budget), "--calibration", str(wt / "valid.txt"), "--calibration-tokens", "4096",
+                        "--out", str(ckpt)], check=True)
     dense = args.dense_ppl if args.dense_ppl else _perplexity(None, test, args.tokens, args.context)
     before = _perplexity(str(ckpt), test, args.tokens, args.context)
     settings = {k: getattr(args, k) for k in ("budget", "method", "max_steps", "minutes", "batch_size", "grad_accum",

@@ -87,7 +87,7 @@ def main() -> int:
     torch.manual_seed(0)
 
     from mpokit import compress_
-    from mpokit.cli.common import print_table
+    from mpokit.eval.table import print_table
     from mpokit.eval import count_params, perplexity
     from mpokit.io.models import load_model
     from mpokit.methods.share import ShareConfig

@@ -6,7 +6,7 @@ expectation (K-FAC) gives 1/2 tr(G (W - M) C (W - M)^T) with C = X^T X (input Gr
 `calibration.stats`) and G = sum_t g_t g_t^T, collected here from one backward pass of
 the causal-LM loss over the calibration text. Measured on SmolLM2 at budget 0.8, the
 two-sided weighting turns layer errors into loss units, which is what lets a global
-budget allocation work (see README, issue-3 ablations).
+budget allocation work (see docs/benchmarks/compression.md).
 
 Outputs wider than `full_max` keep only diag(G), a (out,) vector; the full matrix costs
 out^2 floats per layer (~0.7 GB for SmolLM2's 210 layers) and measured no better (see

@@ -26,7 +26,7 @@ class AwareConfig(MethodConfig):
       "none" weights inputs only (SVD-LLM).
     allocation: "global" (default) spends the budget where it removes the most weighted error
       (ranks differ per layer, some layers stay dense); "uniform" keeps `budget` of every layer.
-      Measured on SmolLM2 at 0.8 (README): global allocation helps only with sensitivity="fisher";
+      Measured on SmolLM2 at 0.8 (docs/benchmarks/compression.md): global allocation helps only with sensitivity="fisher";
       with input weighting alone it is worse than uniform.
     layouts: candidate layouts per layer; "lowrank" is the 2-core MPO (out,1)x(1,in); "mpo" adds
       a 3-core MPO refined on the weighted objective, used where it beats low rank at the
