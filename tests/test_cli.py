@@ -46,7 +46,7 @@ def workdir(tmp_path_factory):
 
 def test_compress_report(workdir):
     report = json.loads((workdir / "compress.json").read_text())
-    assert report["config"]["method"] == "mpo"  # the data-free MPOConfig
+    assert report["config"]["method"] == "mpo-datafree"  # the data-free MPOConfig: CLI name == config.method
     assert report["config"]["budget"] == 0.5
     assert len(report["layers"]) == 14
     assert 0.49 <= report["kept_fraction"] <= 0.5
@@ -62,7 +62,7 @@ def test_inspect_has_one_entry_per_compressed_layer(workdir, capsys):
     for e in layers:
         assert e["type"] == "MPOLinear" and len(e["bonds"]) == 2 and len(e["out_dims"]) == 3
         assert 0 < e["kept"] <= 1.1 and e["rel_error"] is not None and 0 <= e["rel_error"] < 1
-    assert out["methods"][0]["method"] == "mpo"
+    assert out["methods"][0]["method"] == "mpo-datafree"
     assert "14 compressed layers" in capsys.readouterr().out
 
 
@@ -126,7 +126,7 @@ def test_default_method_is_activation_aware(workdir, tmp_path):
     assert main(["compress", "--model", str(workdir / "hf"), "--budget", "0.6", "--calibration", str(calib),
                  "--calibration-tokens", "64", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["config"]["method"] == "mpo-aware" and report["calibration"] == str(calib)
+    assert report["config"]["method"] == "mpo" and report["calibration"] == str(calib)
     assert report["kept_fraction"] <= 0.6
     assert main(["eval", str(out), "--text", str(calib), "--tokens", "64", "--context", "32",
                  "--json", str(tmp_path / "e.json")]) == 0

@@ -50,7 +50,7 @@ def test_save_load_bit_exact_with_tied_embeddings(saved):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     meta = json.loads((path / META_FILE).read_text())
-    assert meta["mpokit_version"] and meta["methods"][0]["method"] == "mpo" and meta["methods"][0]["budget"] == 0.5
+    assert meta["mpokit_version"] and meta["methods"][0]["method"] == "mpo-datafree" and meta["methods"][0]["budget"] == 0.5
     assert loaded._mpokit_methods == meta["methods"]
 
 
@@ -191,7 +191,7 @@ def test_failed_save_keeps_existing_checkpoint(saved, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_compressed(compressed_llama(), path)
+        save_compressed(compressed_llama(), path, overwrite=True)
     assert _snapshot(path) == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]  # no temp folders left behind
     assert_state_equal(model, load_compressed(path))
@@ -202,7 +202,10 @@ def test_save_overwrites_whole_folder(saved):
     (path / "stale.txt").write_text("old")
     model = tiny_llama()
     compress_(model, MPOConfig(max_bond=3), progress=False)
-    save_compressed(model, path)
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):  # replacing a checkpoint is asked for
+        save_compressed(model, path)
+    assert (path / "stale.txt").read_text() == "old"
+    save_compressed(model, path, overwrite=True)
     assert not (path / "stale.txt").exists()
     assert_state_equal(model, load_compressed(path))
 

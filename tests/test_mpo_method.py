@@ -17,7 +17,7 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("budget", [1.0, 0.9, 0.7, 0.5, 0.3, 0.1])
+@pytest.mark.parametrize("budget", [0.99, 0.9, 0.7, 0.5, 0.3, 0.1])  # 1.0 keeps layers dense: test_faults_budget.py
 def test_budget_honoured_within_one_percent(budget):
     model = tiny_llama()
     before = sum(get_module(model, n).weight.numel() for n in find_targets(model))
@@ -42,7 +42,7 @@ def test_lossless_compression_keeps_logits(llama):
     assert len(report.layers) == 14 and all(r.rel_error < 1e-6 for r in report.layers)
     assert isinstance(llama.model.layers[0].mlp.down_proj, MPOLinear)
     assert torch.allclose(logits(llama, ids), reference, atol=1e-4)
-    assert llama._mpokit_methods[-1]["method"] == "mpo"
+    assert llama._mpokit_methods[-1]["method"] == "mpo-datafree"
 
 
 def test_truncation_changes_logits_and_errors_grow_as_budget_shrinks():

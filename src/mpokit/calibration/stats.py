@@ -8,6 +8,7 @@ input, never the activations themselves.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -46,14 +47,25 @@ def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int 
     """Non-overlapping windows (1, context) covering the first `tokens` tokens of text."""
     from mpokit.eval.perplexity import tokenize_prefix
 
-    ids = tokenize_prefix(tokenizer, text, tokens)
+    return _windows(tokenize_prefix(tokenizer, text, tokens), context)
+
+
+def _windows(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
     return [ids[i:i + context].unsqueeze(0) for i in range(0, ids.numel() - 1, context)]
 
 
 def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str | None, tokens: int, context: int,
                         purpose: str) -> list[torch.Tensor]:
-    """The caller's batches, else windows of `text` (default: the offline corpus) tokenized by `tokenizer`."""
+    """The caller's batches, else windows of `text` (default: the offline corpus) tokenized by `tokenizer`.
+
+    The text must give at least one calibration window (min(tokens, context) tokens); fewer tokens
+    than `tokens` are used with a warning.
+    """
     if batches is not None:
+        batches = list(batches)
+        if not batches or sum(b.numel() for b in batches) < 2:
+            raise ValueError(f"expected calibration batches with at least 2 tokens for {purpose}, got "
+                             f"{sum(b.numel() for b in batches)} tokens in {len(batches)} batches")
         return batches
     if tokenizer is None:
         raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
@@ -62,7 +74,18 @@ def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str
         from mpokit.eval.perplexity import load_corpus
 
         text = load_corpus().text
-    return calibration_batches(tokenizer, text, tokens, context)
+    from mpokit.eval.perplexity import tokenize_prefix
+
+    ids = tokenize_prefix(tokenizer, text, tokens)
+    have, need = ids.numel(), max(2, min(tokens, context))
+    if have < need:
+        raise ValueError(f"expected a calibration text of at least {need} tokens (one calibration window: "
+                         f"min(calibration_tokens={tokens}, calibration_context={context})) for {purpose}, "
+                         f"got {have} tokens")
+    if have < tokens:
+        warnings.warn(f"calibration: the text gives {have} tokens, fewer than the {tokens} requested for {purpose}; "
+                      f"the statistics rest on {have} tokens", UserWarning, stacklevel=2)
+    return _windows(ids, context)
 
 
 def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
@@ -83,6 +106,7 @@ class GramAccumulator:
         self.recording: dict[int, torch.Tensor] | None = None  # when set, store inputs instead of adding
         self._last: tuple = (None, None)  # (input tensor, group) of the previous hooked call
         self._accumulated: set[int] = set()  # groups already added in this forward
+        self._seen: dict[int, tuple[int, int, str]] = {}  # group -> (tokens added, input width, first layer)
         self._hooks = [get_module(model, n).register_forward_pre_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str):
@@ -101,6 +125,8 @@ class GramAccumulator:
                 self.recording[group] = x2
                 return
             _add(stats.grams, group, x2.T @ x2)  # (in, in); float32 products, float64 running sum
+            seen = self._seen.get(group, (0, x2.shape[1], name))
+            self._seen[group] = (seen[0] + x2.shape[0], seen[1], seen[2])
             if self.reference is not None:
                 _add(stats.cross, group, self.reference[group].T @ x2)
         return fn
@@ -113,6 +139,26 @@ class GramAccumulator:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        warn_if_rank_deficient(self._seen.values())
+        self._seen = {}
+
+
+def warn_if_rank_deficient(seen) -> None:
+    """Warn when a layer saw fewer calibration tokens than it has inputs: X^T X is then singular.
+
+    seen: (tokens, input width, layer name) per input group; the message names no layer, so that
+    Python shows it once, not once per block. Whitening (SVD-LLM) and GPTQ invert
+    X^T X; below `width` tokens it has rank <= tokens and only the damping keeps it invertible,
+    so the reported errors are optimistic for inputs unlike the calibration text.
+    """
+    short = [(t, w, n) for t, w, n in seen if 0 < t < w]
+    if short:
+        tokens = min(t for t, _, _ in short)
+        width = max(w for _, w, _ in short)
+        warnings.warn(f"calibration: {tokens} tokens reached layers with up to {width} inputs: "
+                      f"their input Gram X^T X has rank <= {tokens} < {width}, so activation-aware methods fit the "
+                      f"calibration text only; use at least {width} calibration tokens (many more is better)",
+                      UserWarning, stacklevel=3)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from mpokit.cli.common import emit_json, print_table
+from mpokit.cli.common import emit_json, module_names, print_table, regex
 from mpokit.methods.presets import PRESETS, build_config, needs_calibration
 
 # argparse dests passed to the method's config when given; each must equal a config field name.
@@ -23,7 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cutoff", type=float, default=None, help="relative error target per layer")
     p.add_argument("--num-cores", type=int, default=None, help="cores per matrix (default per method)")
     p.add_argument("--targets", default=None, help="comma-separated module names/suffixes (default per architecture)")
-    p.add_argument("--targets-regex", default=None, help="regular expression over full module names")
+    p.add_argument("--targets-regex", type=regex, default=None, help="regular expression over full module names")
     p.add_argument("--exclude", default=None, help="comma-separated module names/suffixes to skip")
     p.add_argument("--calibration", default=None,
                    help="calibration text file for activation-aware methods (default: offline pydoc corpus)")
@@ -39,24 +39,26 @@ def add_arguments(p) -> None:
                    help="--method moefication: refit the down projections to the routed selection (least squares)")
     p.add_argument("--groups", type=int, default=None,
                    help="--method share: layers per group sharing a central core (1 = none, 0 = all; default 0)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
     p.add_argument("--json", default=None, help="write the compression report as JSON here")
     p.add_argument("--layers", action="store_true", help="print one row per layer")
 
 
 def run(args) -> int:
     from mpokit.eval.perplexity import load_corpus
-    from mpokit.io.checkpoint import save_compressed
+    from mpokit.io.checkpoint import check_save_path, save_compressed
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
 
-    if args.targets and args.targets_regex:
+    if args.targets is not None and args.targets_regex is not None:
         raise ValueError("expected at most one of --targets and --targets-regex")
-    targets = args.targets_regex or (args.targets.split(",") if args.targets else None)
+    targets = args.targets_regex if args.targets_regex is not None else module_names("--targets", args.targets)
     options = {k: getattr(args, k, None) for k in CONFIG_OPTIONS}
     config = build_config(args.method, target_modules=targets,
-                          exclude_modules=args.exclude.split(",") if args.exclude else None, **options)
+                          exclude_modules=module_names("--exclude", args.exclude), **options)
     calibration = load_corpus(args.calibration) if needs_calibration(config) else None
+    check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
     loaded = load_model(args.model)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration_text": calibration.text} if calibration else {}
@@ -64,7 +66,8 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
            "seconds": seconds, "calibration": calibration.name if calibration else None}
-    save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out})
+    save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
+                    overwrite=args.overwrite, protect=[args.model, loaded.path])
     if args.layers:
         rows = [{"layer": r.name, "shape": list(r.shape), "params": r.params_after, "kept": r.params_after / r.params_before,
                  "rel_error": r.rel_error, "bonds": r.detail.get("bonds")} for r in report.layers]

@@ -1,10 +1,11 @@
 """mpokit eval: perplexity (and sizes) of a model or checkpoint."""
 from __future__ import annotations
 
-from mpokit.cli.common import emit_json, print_table
+from mpokit.cli.common import UserError, emit_json, int_at_least, nonnegative_int, positive_int, print_table
 
 # layers.kv_cache.KV_CACHE_KINDS, spelled out so that parsing arguments does not import transformers
 CLI_KV_KINDS = ("decoquant", "rtn", "decoquant-kc", "rtn-kc", "decoquant-kcr", "rtn-kcr", "quanto")
+DEFAULT_CHUNK = 64  # --chunk with --kv-cache
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
 
 
@@ -12,38 +13,60 @@ def add_arguments(p) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder, alias, .gguf or hub id (default: smollm2)")
     p.add_argument("--text", default=None, help="text file (default: offline pydoc corpus shipped with Python)")
     p.add_argument("--dataset", default=None, help="Hugging Face dataset 'name[:config[:split]]' (needs `datasets`)")
-    p.add_argument("--tokens", type=int, default=8192, help="tokens to evaluate (default 8192)")
-    p.add_argument("--context", type=int, default=512, help="window length (default 512)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tokens", type=int_at_least(2), default=8192, help="tokens to evaluate (default 8192)")
+    p.add_argument("--context", type=int_at_least(2), default=512,
+                   help="window length (default 512; at most the model's positions)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--kv-cache", default=None, choices=CLI_KV_KINDS,
                    help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces); "
                         "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits); "
                         "-kcr: also Hadamard-rotated values (best at 2 bits)")
-    p.add_argument("--kv-bits", type=int, default=4, help="KV cache bits (default 4; quanto: 2 or 4)")
-    p.add_argument("--kv-residual", type=int, default=None,
+    p.add_argument("--kv-bits", type=positive_int, default=4, help="KV cache bits (default 4; quanto: 2 or 4)")
+    p.add_argument("--kv-residual", type=nonnegative_int, default=None,
                    help="newest tokens kept in 16 bits (default 16; 0 for the -kc caches)")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="feed each window in pieces of this many tokens through the cache (default 64 with --kv-cache)")
+    p.add_argument("--chunk", type=positive_int, default=None,
+                   help=f"feed each window in pieces of this many tokens through the cache (default {DEFAULT_CHUNK} "
+                        f"with --kv-cache; must be below the window length so that later pieces read the cache)")
     p.add_argument("--abilities", action="store_true",
                    help="also score in-context learning (SST-2), CoT arithmetic and instruction following")
     p.add_argument("--json", default=None, help="write results as JSON here")
 
 
+def check_kv_options(args) -> int | None:
+    """The chunk length to use; with --kv-cache a window must span more than one chunk, or the cache is never read."""
+    if not args.kv_cache:
+        if args.kv_residual is not None:
+            raise UserError("expected --kv-residual only with --kv-cache, got it without")
+        return args.chunk
+    chunk = DEFAULT_CHUNK if args.chunk is None else args.chunk
+    window = min(args.context, args.tokens)
+    if window <= chunk:
+        raise UserError(f"expected a window longer than --chunk with --kv-cache (each window is fed in chunks of "
+                        f"{chunk} tokens, and only later chunks read the quantized cache), got a window of {window} "
+                        f"tokens (--context {args.context}, --tokens {args.tokens}); raise --context or lower --chunk")
+    return chunk
+
+
 def run(args) -> int:
-    from mpokit.eval.perplexity import load_corpus, perplexity
+    from mpokit.eval.perplexity import check_positions, load_corpus, perplexity
     from mpokit.eval.size import count_params, param_bytes
     from mpokit.io.models import load_model
 
+    chunk = check_kv_options(args)  # flags first, then files, then the model
     corpus = load_corpus(args.text, args.dataset)  # fail on a bad path before loading the model
     loaded = load_model(args.model)
-    factory, chunk = None, args.chunk
+    check_positions(loaded.model, min(args.context, args.tokens), "--context")
+    factory = None
     if args.kv_cache:
         from mpokit.layers.kv_cache import KVCacheFactory
 
-        factory = KVCacheFactory(args.kv_cache, loaded.model.config, bits=args.kv_bits, residual_length=args.kv_residual)
-        chunk = chunk or 64
+        factory = KVCacheFactory(args.kv_cache, loaded.model.config, bits=args.kv_bits,
+                                 residual_length=args.kv_residual)
     res = perplexity(loaded.model, loaded.tokenizer, corpus.text, tokens=args.tokens, context=args.context,
                      batch_size=args.batch_size, corpus_name=corpus.name, cache_factory=factory, chunk=chunk)
+    if factory is not None and res.cache_reads == 0:
+        raise UserError(f"expected the text to fill more than one chunk of {chunk} tokens, got {res.tokens} tokens "
+                        f"from {corpus.name}: the quantized cache was never read, so no KV figure is reported")
     out = {"model": loaded.source, **res.to_dict(), "params": count_params(loaded.model),
            "bytes": param_bytes(loaded.model), "chunk": chunk}
     columns = ["model", "corpus", "tokens", "context", "perplexity", "params", "bytes", "seconds"]
@@ -55,7 +78,8 @@ def run(args) -> int:
         out.update(kv_cache=args.kv_cache, kv_bits=args.kv_bits, kv_residual=residual,
                    kv_bytes_ratio=factory.bytes_ratio(),
                    kv_eval=f"each window fed in chunks of {chunk} tokens through one cache: later chunks attend "
-                           f"to the quantized states of earlier ones; bytes vs a 16-bit cache at window end")
+                           f"to the quantized states of earlier ones ({res.cache_reads} of {res.chunks} chunks "
+                           f"read the cache); bytes vs a 16-bit cache at window end")
         columns[5:5] = ["kv_cache", "kv_bits", "kv_bytes_ratio"]
     print_table([out], columns)
     if args.abilities:

@@ -1,7 +1,8 @@
 """mpokit finetune: adapt a model (MPOP, recovery, OPF, OPDF, LoRA, full) with Hugging Face Trainer."""
 from __future__ import annotations
 
-from mpokit.cli.common import emit_json, print_table
+from mpokit.cli.common import (emit_json, fraction, int_at_least, module_names, nonnegative_float, nonnegative_int,
+                               positive_float, positive_int, print_table)
 
 HELP = "fine-tune a model or compressed checkpoint (causal LM on a text file, or SST-2) and report the metric"
 
@@ -17,37 +18,44 @@ def add_arguments(p) -> None:
                         "parameter; kd: every parameter, loss mixes labels and --teacher logits")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="lm: training text file; sst2: folder with train.tsv/dev.tsv")
-    p.add_argument("--max-steps", type=int, required=True)
+    p.add_argument("--max-steps", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="output folder (Trainer checkpoints + model/)")
     p.add_argument("--json", default=None, help="write results as JSON here")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on --method)")
-    p.add_argument("--seq-len", type=int, default=128, help="lm window / sst2 max tokens (default 128)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N rows/windows for training")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default depends on --method)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=128, help="lm window / sst2 max tokens (default 128)")
+    p.add_argument("--train-limit", type=positive_int, default=None,
+                   help="use only the first N rows/windows for training")
     p.add_argument("--eval-data", default=None, help="lm: text for perplexity (default --data); sst2: tsv")
-    p.add_argument("--eval-limit", type=int, default=None, help="sst2: first N evaluation rows")
-    p.add_argument("--tokens", type=int, default=8192, help="lm: perplexity tokens (default 8192)")
-    p.add_argument("--context", type=int, default=512, help="lm: perplexity window (default 512)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-steps", type=int, default=None, help="Trainer checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --out")
-    p.add_argument("--num-cores", type=int, default=3, help="mpop on a dense model: cores per matrix")
-    p.add_argument("--squeeze-bond", type=int, default=None, help="mpop: squeeze bonds down to this, in steps")
-    p.add_argument("--squeeze-steps", type=int, default=2)
+    p.add_argument("--eval-limit", type=positive_int, default=None, help="sst2: first N evaluation rows")
+    p.add_argument("--tokens", type=int_at_least(2), default=8192, help="lm: perplexity tokens (default 8192)")
+    p.add_argument("--context", type=int_at_least(2), default=512, help="lm: perplexity window (default 512)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--save-steps", type=positive_int, default=None, help="Trainer checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=positive_int, default=3,
+                   help="Trainer checkpoints kept in --out (oldest deleted first; default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the newest valid Trainer checkpoint in --out (each is verified first; a corrupt "
+                        "or half-written one is moved aside and the one before it used; none valid: start afresh)")
+    p.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
+                   help="resume from this Trainer checkpoint folder (refused if it does not verify)")
+    p.add_argument("--num-cores", type=int_at_least(2), default=3, help="mpop on a dense model: cores per matrix")
+    p.add_argument("--squeeze-bond", type=positive_int, default=None, help="mpop: squeeze bonds down to this, in steps")
+    p.add_argument("--squeeze-steps", type=positive_int, default=2)
     p.add_argument("--select", default="fisher", choices=["fisher", "stable-rank"], help="opf/opdf layer choice")
-    p.add_argument("--opf-count", type=int, default=4, help="opf/opdf: how many weights to expand")
-    p.add_argument("--opf-extra", type=int, default=2, help="opf/opdf: inserted r x r cores per weight")
+    p.add_argument("--opf-count", type=positive_int, default=4, help="opf/opdf: how many weights to expand")
+    p.add_argument("--opf-extra", type=positive_int, default=2, help="opf/opdf: inserted r x r cores per weight")
     p.add_argument("--teacher", default=None, help="opdf/kd: teacher model (same task)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opdf/kd: KD weight")
-    p.add_argument("--beta", type=float, default=1.0, help="opdf: tensor constraint weight")
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--alpha", type=fraction, default=0.5, help="opdf/kd: KD weight")
+    p.add_argument("--beta", type=nonnegative_float, default=1.0, help="opdf: tensor constraint weight")
+    p.add_argument("--lora-rank", type=positive_int, default=8)
     p.add_argument("--lora-targets", default=None,
                    help="comma-separated module names for LoRA (default: per model; every MPO layer when compressed)")
     p.add_argument("--scheduler", default="linear", help="LR schedule (transformers name: linear, cosine, ...)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=0)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop training after this many wall-clock minutes (schedule still follows --max-steps)")
 
 
@@ -58,10 +66,11 @@ def run(args) -> int:
         model=args.model, method=args.method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
         batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, train_limit=args.train_limit,
         eval_data=args.eval_data, eval_tokens=args.tokens, context=args.context, eval_limit=args.eval_limit,
-        seed=args.seed, save_steps=args.save_steps, resume=args.resume, num_cores=args.num_cores,
+        seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        resume=args.resume_from or args.resume, num_cores=args.num_cores,
         squeeze_bond=args.squeeze_bond, squeeze_steps=args.squeeze_steps, select=args.select,
         opf_count=args.opf_count, opf_extra=args.opf_extra, teacher=args.teacher, alpha=args.alpha, beta=args.beta,
-        lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
+        lora_rank=args.lora_rank, lora_targets=module_names("--lora-targets", args.lora_targets),
         scheduler=args.scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_accum=args.grad_accum, max_minutes=args.max_minutes)
     out = finetune(opts)

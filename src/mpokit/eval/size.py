@@ -1,9 +1,10 @@
 """Parameter and byte counts that count shared tensors once and packed storage honestly."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["count_params", "param_bytes", "size_report"]
+__all__ = ["count_params", "param_bytes", "size_report", "stored_tensors"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -16,19 +17,26 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors a checkpoint stores: the state dict (parameters and persistent buffers, e.g.
+    packed quantized codes and their scales), each shared tensor once, by the same key as
+    io.checkpoint uses to store shared tensors under one name."""
+    out, seen = [], set()
+    for t in model.state_dict(keep_vars=True).values():
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
+        out.append(t)
+    return out
+
+
 def param_bytes(model: nn.Module) -> int:
-    """Bytes of stored weights: parameters once each, except inside modules that report their
-    own packed size via `storage_bytes()` (quantized layers), which count that instead."""
-    total, covered = 0, set()
-    for m in model.modules():
-        if hasattr(m, "storage_bytes"):
-            total += m.storage_bytes()
-            covered.update(id(t) for t in m.parameters())
-    for p in model.parameters():
-        if id(p) not in covered:
-            covered.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
+    """Bytes of stored weights, as the saved weights file holds them: packed codes, 16-bit scales
+    and float tensors at their element size, every shared tensor (tied embeddings, shared MPO
+    cores) once."""
+    return sum(t.numel() * t.element_size() for t in stored_tensors(model))
 
 
 def size_report(model: nn.Module) -> dict:

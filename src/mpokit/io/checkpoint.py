@@ -2,24 +2,30 @@
 
 A checkpoint folder holds:
   config.json        the Hugging Face model config (architecture, sizes)
-  mpokit.json        mpokit version, applied methods, the spec of every replaced layer,
-                     the weight file's sha256 and aliases of shared tensors
+  mpokit.json        mpokit version, applied methods, the spec of every replaced layer, aliases
+                     of shared tensors, and a manifest: the sha256 of every other file of the
+                     folder and of mpokit.json's own content (io/manifest.py)
   model.safetensors  every tensor once (tied/shared tensors stored under one name)
   tokenizer files    when a tokenizer is given
-Loading rebuilds the architecture from config.json, swaps in empty mpokit layers
-from their specs, then loads the weights strictly.
+Loading checks the description (io/validate.py) and, unless verify=False, the manifest; then
+it rebuilds the architecture from config.json, swaps in empty mpokit layers from their specs
+(each checked against the module it replaces), and loads the weights strictly.
+Saving is atomic (io/atomic.py) and replaces only an mpokit checkpoint, with overwrite=True.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from mpokit.io.atomic import atomic_dir
+from mpokit.io.atomic import atomic_dir, check_target, recover
+from mpokit.io.manifest import build_manifest, file_sha256, verify_manifest
+from mpokit.io.validate import (DTYPES, CheckpointError, architecture_class, check_aliases, check_layer_fits,
+                                check_meta_types, check_tie, dtype_of)
 from mpokit.layers.ffn import Passthrough
 from mpokit.layers.moe import MoEFFN
 from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
@@ -31,14 +37,17 @@ from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
 
 __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoint", "META_FILE", "WEIGHTS_FILE",
-           "LAYER_TYPES", "register_layer", "read_meta"]
+           "LAYER_TYPES", "register_layer", "read_meta", "check_save_path", "FORMAT_VERSION"]
 
-META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 1
+# Format 2: a manifest over every file replaces format 1's sha256 of the weights file alone.
+META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 2
 # Layer classes a checkpoint may contain; each has spec() and from_spec(spec, dtype=...).
 LAYER_TYPES: dict[str, type] = {"MPOLinear": MPOLinear, "MPOEmbedding": MPOEmbedding, "QuantLinear": QuantLinear,
                                 "QuantMPOLinear": QuantMPOLinear}
 
 LAYER_TYPES.update({c.__name__: c for c in (MoEFFN, MPOEFFN, UpcycledMoE, Passthrough)})  # routed FFNs
+_RESERVED = {"mpokit_version", "format_version", "architecture", "dtype", "methods", "layers", "aliases", "manifest"}
+
 
 def register_layer(cls: type) -> type:
     """Let checkpoints store layers of `cls` (other method packages call this)."""
@@ -46,20 +55,11 @@ def register_layer(cls: type) -> type:
     return cls
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, corrupt, truncated or for another model."""
-
-
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256  # the name older callers used
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -84,62 +84,119 @@ def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return tensors, aliases
 
 
-def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
-    """Write model (compressed or not) to folder `path` atomically; returns the path."""
+def check_save_path(path: str | Path, overwrite: bool = False, protect: Iterable[str | Path | None] = ()) -> None:
+    """Raise (an OutputPathError, a ValueError) unless save_compressed(model, path, overwrite=overwrite,
+    protect=protect) may write `path`; lets a command refuse before it spends time compressing."""
+    check_target(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint")
+
+
+def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: dict[str, Any] | None = None, *,
+                    overwrite: bool = False, protect: Iterable[str | Path | None] = ()) -> Path:
+    """Write model (compressed or not) to folder `path` atomically; returns the path.
+
+    An existing `path` is replaced only if it is an mpokit checkpoint and overwrite=True (an empty
+    folder may be used); never a `protect`ed path (the input model) or a folder holding one.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
+    architecture_class(type(model).__name__, "the model to save")  # what load_compressed would refuse
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"expected a model in one of {', '.join(DTYPES)}, got {dtype}")
+    clash = _RESERVED & set(extra or {})
+    if clash:
+        raise ValueError(f"expected extra metadata without the reserved keys {sorted(clash)}")
     tensors, aliases = _dedup_state(model)
     meta = {
-        "mpokit_version": __version__, "format_version": FORMAT_VERSION,
-        "architecture": type(model).__name__, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "methods": applied_methods(model), "layers": _layer_specs(model), "aliases": aliases, **(extra or {}),
+        "mpokit_version": __version__, "format_version": FORMAT_VERSION, "architecture": type(model).__name__,
+        "dtype": dtype, "methods": applied_methods(model), "layers": _layer_specs(model), "aliases": aliases,
+        **(extra or {}),
     }
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint") as tmp:
         model.config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mpokit": __version__})
-        meta["sha256"] = _sha256(tmp / WEIGHTS_FILE)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        meta["manifest"] = build_manifest(tmp, meta, exclude={META_FILE})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """The checked description of the checkpoint at `path` (an interrupted save of it is repaired first)."""
+    path = Path(path)
+    with contextlib.suppress(OSError):
+        recover(path)
     if not path.exists():
         raise CheckpointError(f"missing checkpoint folder: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"expected an mpokit checkpoint folder at {path}, got a file")
     if not (path / META_FILE).is_file():
         raise CheckpointError(f"expected an mpokit checkpoint at {path}, got a folder without {META_FILE}")
     try:
-        meta = json.loads((path / META_FILE).read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt {path / META_FILE}: {e}") from e
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"expected checkpoint format <= {FORMAT_VERSION}, got {meta.get('format_version')} "
+    where = path / META_FILE
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt {where}: expected a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"corrupt {where}: expected an integer format_version >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"expected checkpoint format <= {FORMAT_VERSION}, got {version} "
                               f"(written by mpokit {meta.get('mpokit_version')}); upgrade mpokit")
+    check_meta_types(meta, where)
     return meta
 
 
-def _build_model(path: Path, meta: dict[str, Any]) -> nn.Module:
+def _verify(path: Path, meta: dict[str, Any]) -> None:
+    where = path / META_FILE
+    if meta["format_version"] < 2:
+        raise CheckpointError(
+            f"{path} is a format-{meta['format_version']} checkpoint (mpokit {meta.get('mpokit_version')}) whose "
+            f"hash covers only {WEIGHTS_FILE}, not config.json or the tokenizer; re-save it to add a hash over every "
+            f"file: save_compressed(load_compressed(path, verify=False), path, tokenizer, overwrite=True)")
+    if "manifest" not in meta:
+        raise CheckpointError(f"no manifest hash in {where}: the checkpoint cannot be verified; save it again, "
+                              "or load with verify=False")
+    verify_manifest(path, meta, exclude={META_FILE}, where=str(where))
+
+
+def _build_model(path: Path, meta: dict[str, Any], cls: type, dtype: torch.dtype,
+                 aliases: dict[str, str]) -> nn.Module:
     import transformers
 
-    cls = getattr(transformers, meta["architecture"], None)
-    if cls is None:
-        raise CheckpointError(f"unknown architecture {meta['architecture']!r} in {path / META_FILE}")
-    config = transformers.AutoConfig.from_pretrained(path)
-    dtype = getattr(torch, meta.get("dtype", "float32"))
+    where = path / META_FILE
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"bad config.json in {path}: {e}") from e
+    want = getattr(cls, "config_class", None)
+    if isinstance(want, type) and want is not transformers.PretrainedConfig and not isinstance(config, want):
+        raise CheckpointError(f"{path / 'config.json'} describes a {type(config).__name__}, but {where} says "
+                              f"{cls.__name__}")
     model = cls(config).to(dtype)
-    for name, spec in meta["layers"].items():
-        layer_cls = LAYER_TYPES.get(spec["type"])
-        if layer_cls is None:
-            raise CheckpointError(f"unknown layer type {spec['type']!r} for {name}")
-        layer = layer_cls.from_spec(spec, dtype=dtype)
+    layers = meta["layers"]
+    for name, spec in layers.items():
+        layer_cls = LAYER_TYPES[spec["type"]]
+        try:
+            orig = get_module(model, name)
+        except ValueError:
+            raise CheckpointError(f"layer {name!r} in {where} is not a module of {cls.__name__}") from None
+        try:
+            layer = layer_cls.from_spec(spec, dtype=dtype)
+        except Exception as e:  # a spec read from a file can fail in any way
+            raise CheckpointError(f"bad spec for layer {name!r} in {where}: {type(e).__name__}: {e}") from e
+        check_layer_fits(name, spec, layer, orig, config, dtype, where)
         layer.orig_type = spec.get("orig_type")
         set_module(model, name, layer)
-    for name, spec in meta["layers"].items():
+    for name, spec in layers.items():
         if spec.get("tied_to"):
+            target = check_tie(name, spec["tied_to"], layers, model, aliases, where)
             layer = get_module(model, name)
-            layer.tied_to, layer.cores = spec["tied_to"], get_module(model, spec["tied_to"]).cores
+            layer.tied_to, layer.cores = spec["tied_to"], target.cores
     return model
 
 
@@ -153,25 +210,47 @@ def _reshare_parameters(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(get_module(model, owner) if owner else model, attr, params[kept])
 
 
+def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    for key, t in state.items():
+        if key in expected and expected[key].dtype != t.dtype:
+            raise CheckpointError(f"checkpoint {path} does not match its model description: {key} is {t.dtype} in "
+                                  f"{WEIGHTS_FILE}, {expected[key].dtype} in the model {META_FILE} describes")
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild a model saved by save_compressed. Raises CheckpointError on any mismatch."""
+    """Rebuild a model saved by save_compressed. Raises CheckpointError on any mismatch.
+
+    verify=True (the default) checks the manifest: every file and mpokit.json itself must be as
+    saved. verify=False skips the hashes (and accepts format-1 checkpoints) but keeps every
+    structural check.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_meta(path)
+    where = path / META_FILE
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"missing weights file {weights}")
-    if verify and meta.get("sha256") and _sha256(weights) != meta["sha256"]:
-        raise CheckpointError(f"corrupt or truncated checkpoint: sha256 of {weights} does not match {META_FILE}")
+    cls = architecture_class(meta["architecture"], where)
+    dtype = dtype_of(meta["dtype"], where)
+    for name, spec in meta["layers"].items():
+        if spec["type"] not in LAYER_TYPES:
+            raise CheckpointError(f"unknown layer type {spec['type']!r} for {name}")
+    if verify:
+        _verify(path, meta)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupt or truncated weights file {weights}: {e}") from e
-    for alias, kept in meta.get("aliases", {}).items():
+    aliases = meta.get("aliases", {})
+    check_aliases(aliases, set(state), where)
+    for alias, kept in aliases.items():
         state[alias] = state[kept]
-    model = _build_model(path, meta)
+    model = _build_model(path, meta, cls, dtype, aliases)
+    _check_dtypes(model, state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -179,6 +258,6 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     for name, spec in meta["layers"].items():  # re-share cores that load_state_dict copied into separately
         if spec.get("tied_to"):
             get_module(model, name).cores = get_module(model, spec["tied_to"]).cores
-    _reshare_parameters(model, meta.get("aliases", {}))
+    _reshare_parameters(model, aliases)
     model._mpokit_methods = meta.get("methods", [])
     return model.to(device).eval()

@@ -20,13 +20,73 @@ from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, 
 from mpokit.ops.factorize import choose_local_dims
 from mpokit.ops.tt import TTInfo, check_finite, core_shapes, pad_matrix, tt_svd, tt_svd_to_budget, tt_to_matrix
 
-__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "make_layout", "FORWARD_MODES"]
+__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "make_layout", "FORWARD_MODES", "CastOverflowError",
+           "cast_dtype", "narrower", "balance_exponents", "check_cast", "norm_bound"]
 
 FORWARD_MODES = ("auto", "contract", "dense")
 # Contraction runs several small matmuls with permutes between them; charge it extra.
 CONTRACT_OVERHEAD = 2.0
 # The low-rank layout contracts as two plain GEMMs (x @ V.T @ U.T): measured ~1.1-1.5x its FLOP share.
 LOWRANK_OVERHEAD = 1.25
+
+
+class CastOverflowError(ValueError):
+    """A layer's stored tensors do not fit a lower-precision dtype (they would become inf/NaN)."""
+
+
+def cast_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `fn` (what nn.Module._apply passes: .to(), .half(), .cuda(), ...) turns `dtype` into."""
+    try:
+        return fn(torch.zeros((), dtype=dtype)).dtype
+    except Exception:  # a fn that only makes sense for real tensors: assume it keeps the dtype
+        return dtype
+
+
+def narrower(target: torch.dtype, source: torch.dtype) -> bool:
+    """Whether casting source -> target can overflow (e.g. float32 -> float16)."""
+    return (target.is_floating_point and source.is_floating_point
+            and torch.finfo(target).max < torch.finfo(source).max)
+
+
+def balance_exponents(norms: list[float]) -> list[int] | None:
+    """Integer e_k with sum 0 making norms[k] * 2**e_k about equal (within 2x): scaling MPO cores by
+    2**e_k leaves their product unchanged exactly (powers of two are exact in binary floats).
+    None when a norm is zero or not finite (nothing to balance)."""
+    if not norms or any(not math.isfinite(n) or n <= 0 for n in norms):
+        return None
+    logs = [math.log2(n) for n in norms]
+    mean = sum(logs) / len(logs)
+    exps = [round(mean - lg) for lg in logs]
+    excess = sum(exps)  # rounding may not sum to 0: move the most over-rounded ones back by 1
+    order = sorted(range(len(exps)), key=lambda k: (mean - logs[k]) - exps[k], reverse=excess < 0)
+    for k in order[: abs(excess)]:
+        exps[k] -= 1 if excess > 0 else -1
+    return exps
+
+
+def _max_abs(tensors) -> float:
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def norm_bound(cores: list[torch.Tensor]) -> float:
+    """prod_k ||core_k||_F, an upper bound on ||W||_F (hence on every |W_ij|) of the MPO product."""
+    return math.prod(float(c.detach().double().norm()) for c in cores)
+
+
+def check_cast(label: str, dtype: torch.dtype, stored: list[torch.Tensor], weight=None,
+               bound: float | None = None) -> None:
+    """Raise CastOverflowError unless every stored tensor is finite and, when `weight` (a callable
+    rebuilding the weight in `dtype`) is given, that weight is too; it is only rebuilt when `bound`
+    (an upper bound on its entries) does not already show it fits."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in stored if t.is_floating_point())
+    what = f"{bad} stored entries became inf/NaN"
+    if not bad and weight is not None and not (bound is not None and bound < torch.finfo(dtype).max):
+        w = weight()
+        bad = int((~torch.isfinite(w)).sum())
+        what = f"the weight has {bad} inf/NaN entries (|W| exceeds {torch.finfo(dtype).max:.4g})"
+    if bad:
+        raise CastOverflowError(f"{label}: cast to {dtype} overflows: {what}; keep this layer in torch.bfloat16 "
+                                f"or torch.float32 (e.g. model.to(torch.bfloat16)), which have float32's range")
 
 
 def make_layout(
@@ -93,10 +153,19 @@ class MPOModule(nn.Module):
         return sum(c.numel() for c in self.cores)
 
     def set_cores(self, cores: list[torch.Tensor], info: TTInfo | None = None) -> None:
-        """Replace the cores (shapes may change, e.g. after truncation)."""
+        """Replace the cores (shapes may change, e.g. after truncation). Cores computed in a wider
+        dtype than the layer's are rebalanced first when they would overflow it (see balance_norms_)."""
         dtype, device = self.cores[0].dtype, self.cores[0].device
-        self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=device, dtype=dtype).contiguous()) for c in cores)
+        cores = [c.detach() for c in cores]
+        narrowing = any(narrower(dtype, c.dtype) for c in cores)
+        if narrowing and _max_abs(cores) > torch.finfo(dtype).max:
+            exps = balance_exponents([float(c.double().norm()) for c in cores])
+            if exps is not None:
+                cores = [c * 2.0 ** e for c, e in zip(cores, exps)]
+        self.cores = nn.ParameterList(nn.Parameter(c.to(device=device, dtype=dtype).contiguous()) for c in cores)
         self.info, self._cache = info, None
+        if narrowing:
+            check_cast(self.layer_label(), dtype, list(self.cores), self._rebuilt, norm_bound(self.cores))
 
     # ---- weight ----------------------------------------------------------------
     def full_weight(self) -> torch.Tensor:
@@ -117,15 +186,54 @@ class MPOModule(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
 
+    def layer_label(self) -> str:
+        name = getattr(self, "mpokit_name", None)
+        desc = f"{type(self).__name__} {self.rows}x{self.cols}"
+        return f"layer {name!r} ({desc})" if name else desc
+
+    @torch.no_grad()
+    def balance_norms_(self) -> list[int] | None:
+        """Scale the cores by powers of two to about equal Frobenius norms (the MPO gauge freedom:
+        the product, hence the layer, is unchanged exactly). TT-SVD leaves the whole norm in the
+        last core, which overflows float16 for weights of large magnitude while balanced cores fit.
+        Refused (CastOverflowError) for cores shared with other layers (method share)."""
+        if getattr(self, "shared_with", None):
+            raise CastOverflowError(f"{self.layer_label()}: its cores are too large for a 16-bit float and "
+                                    f"share a central core with other layers ({self.shared_with}), so their "
+                                    "norms cannot be rebalanced alone; keep the model in torch.bfloat16 or "
+                                    "torch.float32")
+        exps = balance_exponents([float(c.detach().double().norm()) for c in self.cores])
+        if exps is not None:
+            for c, e in zip(self.cores, exps):
+                if e:
+                    c.mul_(2.0 ** e)
+            self._cache = None
+        return exps
+
     def _apply(self, fn, recurse=True):  # .to()/.half() etc. invalidate the cache
         self._cache = None
-        return super()._apply(fn, recurse)
+        source = self.cores[0].dtype if len(self.cores) else None
+        target = cast_dtype(fn, source) if source is not None else None
+        narrowing = target is not None and narrower(target, source)
+        if narrowing and _max_abs(self.cores) > torch.finfo(target).max:  # the cores would overflow: rebalance
+            self.balance_norms_()
+        out = super()._apply(fn, recurse)
+        if narrowing:
+            check_cast(self.layer_label(), target, list(self.cores), self._rebuilt, norm_bound(self.cores))
+        return out
+
+    @torch.no_grad()
+    def _rebuilt(self) -> torch.Tensor:
+        return tt_to_matrix([c.detach() for c in self.cores])
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "type": type(self).__name__, "out_dims": self.out_dims, "in_dims": self.in_dims,
             "bonds": self.bonds, "forward_mode": self.forward_mode,
         }
+        if getattr(self, "shared_with", None):  # cores shared across layers (method share): kept on load
+            spec["shared_with"] = self.shared_with
+        return spec
 
     def extra_repr(self) -> str:
         return f"{self.rows}x{self.cols}, out_dims={self.out_dims}, in_dims={self.in_dims}, bonds={self.bonds}"
@@ -220,8 +328,11 @@ class MPOLinear(MPOModule):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "MPOLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["out_dims"], spec["in_dims"], spec["bonds"],
-                   bias=spec["bias"], forward_mode=spec.get("forward_mode", "auto"), device=device, dtype=dtype)
+        layer = cls(spec["in_features"], spec["out_features"], spec["out_dims"], spec["in_dims"], spec["bonds"],
+                    bias=spec["bias"], forward_mode=spec.get("forward_mode", "auto"), device=device, dtype=dtype)
+        if spec.get("shared_with"):
+            layer.shared_with = spec["shared_with"]
+        return layer
 
 
 class MPOEmbedding(MPOModule):
@@ -275,6 +386,9 @@ class MPOEmbedding(MPOModule):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "MPOEmbedding":
-        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["out_dims"], spec["in_dims"], spec["bonds"],
-                   padding_idx=spec.get("padding_idx"), forward_mode=spec.get("forward_mode", "auto"),
-                   device=device, dtype=dtype)
+        layer = cls(spec["num_embeddings"], spec["embedding_dim"], spec["out_dims"], spec["in_dims"], spec["bonds"],
+                    padding_idx=spec.get("padding_idx"), forward_mode=spec.get("forward_mode", "auto"),
+                    device=device, dtype=dtype)
+        if spec.get("shared_with"):
+            layer.shared_with = spec["shared_with"]
+        return layer

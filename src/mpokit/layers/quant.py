@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpokit.layers.mpo import CastOverflowError, cast_dtype, check_cast, narrower
 from mpokit.ops.quant import SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
 
 __all__ = ["QuantLinear", "QuantizedTensor"]
@@ -50,10 +51,41 @@ class QuantizedTensor(nn.Module):
             raise ValueError(f"expected codes ({self.rows}, {self.cols}) with bits={self.bits}, group_size="
                              f"{self.group_size}, symmetric={self.symmetric}, zero_point={self.zero_point}; got "
                              f"{tuple(q.codes.shape)} with (bits, group, symmetric, zero_point) = {layout}")
+        for kind, t in (("scales", q.scale), ("offsets", q.offset)):  # 16-bit: large weights overflow them
+            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                raise CastOverflowError(f"{self.layer_label()}: {int((~torch.isfinite(t)).sum())} of its "
+                                        f"{t.dtype} quantization {kind} overflow (they hold at most "
+                                        f"{torch.finfo(t.dtype).max:.4g}: the weights are too large); quantize a "
+                                        "rescaled weight or keep this layer unquantized")
         self.packed = pack_bits(q.codes.reshape(-1), self.bits)  # (ceil(rows*cols*bits/8),)
         self.scale = q.scale
         if not self.symmetric:
             self.offset = q.offset
+
+    def abs_bound(self) -> float:
+        """An upper bound on |entries| of the dequantized matrix, from scales and offsets alone."""
+        scale = float(self.scale.float().abs().max())
+        if self.symmetric:
+            return scale * 2 ** (self.bits - 1)
+        if self.offset.dtype == torch.uint8:  # |code - zero point| < 2**bits
+            return scale * (2 ** self.bits - 1)
+        return scale * (2 ** self.bits - 1) + float(self.offset.float().abs().max())
+
+    def layer_label(self) -> str:
+        name = getattr(self, "mpokit_name", None)
+        desc = f"quantized {self.rows}x{self.cols} matrix"
+        return f"layer {name!r} ({desc})" if name else desc
+
+    @torch.no_grad()
+    def scale_by_pow2_(self, exponent: int) -> None:
+        """Multiply the represented matrix by 2**exponent exactly: scales (and 16-bit float offsets)
+        are scaled, the codes and integer zero points stay."""
+        if not exponent:
+            return
+        self.scale.mul_(2.0 ** exponent)
+        if self.offset is not None and self.offset.is_floating_point():
+            self.offset.mul_(2.0 ** exponent)
+        check_cast(self.layer_label(), self.scale.dtype, [t for t in (self.scale, self.offset) if t is not None])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_bits(self.packed, self.bits, self.rows * self.cols).reshape(self.rows, self.cols)
@@ -168,11 +200,17 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cached = None
+        source = self.compute_dtype
         out = super()._apply(fn, recurse)
         if self.bias is not None:
             self.compute_dtype = self.bias.dtype
         else:  # follow a dtype conversion through a probe tensor
-            self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
+            self.compute_dtype = cast_dtype(fn, self.compute_dtype)
+        if narrower(self.compute_dtype, source):  # the weight is now dequantized into a narrower dtype
+            label = getattr(self, "mpokit_name", None)
+            label = f"layer {label!r} (QuantLinear)" if label else f"QuantLinear {self.out_features}x{self.in_features}"
+            check_cast(label, self.compute_dtype, [t for t in (self.bias,) if t is not None],
+                       lambda: self.qweight.dequantize(self.compute_dtype), self.qweight.abs_bound())
         return out
 
     def spec(self) -> dict[str, Any]:

@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpokit.layers.mpo import CONTRACT_OVERHEAD, MPOLinear
+from mpokit.layers.mpo import (CONTRACT_OVERHEAD, MPOLinear, balance_exponents, cast_dtype, check_cast,
+                               narrower, norm_bound)
 from mpokit.layers.quant import QuantizedTensor
+from mpokit.ops.quant import SCALE_DTYPE
 from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply
 from mpokit.ops.tt import core_shapes, tt_to_matrix
 
@@ -59,6 +61,10 @@ class QuantMPOLinear(nn.Module):
                  symmetric: bool = False, clip_ratios: tuple[float, ...] | None = None,
                  zero_point: bool = True) -> "QuantMPOLinear":
         cores = [c.detach() for c in layer.cores]
+        if max(float(c.abs().max()) for c in cores) > torch.finfo(SCALE_DTYPE).max / 2:
+            exps = balance_exponents([float(c.double().norm()) for c in cores])  # 16-bit scales would overflow:
+            if exps is not None:  # move norm between the cores (exact, the product is unchanged)
+                cores = [c * 2.0 ** e for c, e in zip(cores, exps)]
         quantized = select_cores([tuple(c.shape) for c in cores], which)
         new = cls(layer.in_features, layer.out_features, layer.out_dims, layer.in_dims, layer.bonds, quantized,
                   bits, group_size, symmetric, bias=layer.bias is not None, zero_point=zero_point,
@@ -122,10 +128,51 @@ class QuantMPOLinear(nn.Module):
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return sum(q.storage_bytes() for q in self.qcores.values()) + floats + bias
 
+    def layer_label(self) -> str:
+        name = getattr(self, "mpokit_name", None)
+        desc = f"QuantMPOLinear {self.out_features}x{self.in_features}"
+        return f"layer {name!r} ({desc})" if name else desc
+
+    def _core_max_abs(self) -> float:
+        floats = [float(c.detach().abs().max()) for c in self.fcores.values() if c.numel()]
+        return max(floats + [q.abs_bound() for q in self.qcores.values()], default=0.0)
+
+    @torch.no_grad()
+    def balance_norms_(self) -> list[int] | None:
+        """Scale the cores by powers of two to about equal norms (float cores directly, quantized ones
+        through their scales): the product is unchanged exactly (see MPOModule.balance_norms_)."""
+        cores = self.cores()
+        exps = balance_exponents([float(c.detach().double().norm()) for c in cores])
+        if exps is not None:
+            for k, e in enumerate(exps):
+                if k in self.quantized:
+                    self.qcores[str(k)].scale_by_pow2_(e)
+                elif e:
+                    self.fcores[str(k)].mul_(2.0 ** e)
+        return exps
+
     def _apply(self, fn, recurse=True):
+        source = self.compute_dtype
+        target = cast_dtype(fn, source)
+        narrowing = narrower(target, source)
+        if narrowing and self._core_max_abs() > torch.finfo(target).max:  # the cores would overflow: rebalance
+            self.balance_norms_()
         out = super()._apply(fn, recurse)
-        self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
+        self.compute_dtype = target
+        if narrowing:
+            stored = [*self.fcores.values(), *([self.bias] if self.bias is not None else [])]
+            check_cast(self.layer_label(), target, stored, self._dequantized_cores,
+                       max((q.abs_bound() for q in self.qcores.values()), default=0.0))
+            cores = self.cores()
+            check_cast(self.layer_label(), target, [], lambda: tt_to_matrix([c.detach() for c in cores]),
+                       norm_bound(cores))
         return out
+
+    @torch.no_grad()
+    def _dequantized_cores(self) -> torch.Tensor:
+        """The quantized cores dequantized into compute_dtype, flattened (for finiteness checks)."""
+        return torch.cat([self.qcores[str(k)].dequantize(self.compute_dtype).reshape(-1) for k in self.quantized]
+                         or [torch.zeros(0, dtype=self.compute_dtype)])
 
     def spec(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,

@@ -1,10 +1,15 @@
-"""One package per method; importing this module registers them all."""
-from mpokit.methods.base import REGISTRY, MethodConfig, Report, compress_, config_from_dict, register
-from mpokit.methods.aware import AwareConfig
-from mpokit.methods.moefication import MoEficationConfig
+"""One package per method; importing this module registers them all (see methods/base.py)."""
+from mpokit.methods.base import (METHODS, REGISTRY, MethodConfig, Report, compress_, config_from_dict, get_method,
+                                 method_names, register)
+from mpokit.methods.aware import (ASVDConfig, AwareConfig, AwareGlobalConfig, MPO3CoreConfig, SVDConfig,
+                                  WhitenedSVDConfig)
+from mpokit.methods.moefication import MoEficationConfig, MoEficationRefitConfig
 from mpokit.methods.mpo import MPOConfig
 from mpokit.methods.mpoe import MPOEConfig
-from mpokit.methods.quant import QuantConfig
+from mpokit.methods.quant import GPTQConfig, QuantConfig
 from mpokit.methods.share import ShareConfig
 
-__all__ = ["MoEficationConfig", "MPOEConfig", "ShareConfig", "REGISTRY", "MethodConfig", "Report", "compress_", "config_from_dict", "register", "AwareConfig", "MPOConfig", "QuantConfig"]
+__all__ = ["METHODS", "REGISTRY", "MethodConfig", "Report", "compress_", "config_from_dict", "get_method",
+           "method_names", "register", "AwareConfig", "MPO3CoreConfig", "AwareGlobalConfig", "WhitenedSVDConfig",
+           "ASVDConfig", "SVDConfig", "MPOConfig", "QuantConfig", "GPTQConfig", "MoEficationConfig",
+           "MoEficationRefitConfig", "MPOEConfig", "ShareConfig"]

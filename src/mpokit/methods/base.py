@@ -1,8 +1,12 @@
 """Config base class, the method registry, and the in-place entry points.
 
-`compress_(model, SomeConfig(...))` looks the config's type up in a dict registry
-(as torchao maps configs to handlers) and edits the model in place. Each method
-package registers its handler with `@register(ConfigType)`.
+Every method is a config class with one name: the CLI's `--method NAME`, `config.method` and
+the registry key are the same string. A config class registers its name when it is defined
+(a subclass with its own `method` and other defaults is a named preset, e.g. GPTQConfig of
+QuantConfig), so `METHODS[name]` is the config class. Handlers are looked up by type along the
+config's MRO (as torchao maps configs to handlers): `@register(ConfigType)` on the function that
+edits the model in place. `kind` says where a method applies: "compress" (`compress_`),
+"finetune" (prepare before training, finish after) or "kv-cache" (a cache for generation).
 """
 from __future__ import annotations
 
@@ -14,11 +18,14 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 __all__ = ["MethodConfig", "LayerRecord", "Report", "register", "compress_", "config_from_dict", "REGISTRY",
-           "applied_methods"]
+           "METHODS", "method_names", "get_method", "applied_methods"]
 
-CONFIG_VERSION = 1
-REGISTRY: dict[type, Callable[..., "Report"]] = {}
-CONFIG_TYPES: dict[str, type] = {}
+CONFIG_VERSION = 2
+KINDS = ("compress", "finetune", "kv-cache")
+REGISTRY: dict[type, Callable[..., "Report"]] = {}  # config type -> handler that edits the model in place
+METHODS: dict[str, type] = {}  # method name -> config class
+# Version-1 records named the aware method "mpo-aware" and the data-free one "mpo".
+_V1_NAMES = {"mpo-aware": "mpo", "mpo": "mpo-datafree"}
 
 
 @dataclass
@@ -26,8 +33,20 @@ class MethodConfig:
     """Base for method configs: validated dataclasses that round-trip through JSON."""
 
     method: ClassVar[str] = "base"
+    kind: ClassVar[str] = "compress"
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        name = cls.__dict__.get("method")
+        if name is None:  # an abstract base (e.g. the fine-tuning base) or a helper subclass
+            return
+        if cls.kind not in KINDS:
+            raise TypeError(f"expected {cls.__name__}.kind in {KINDS}, got {cls.kind!r}")
+        if METHODS.get(name, cls).__qualname__ != cls.__qualname__:
+            raise TypeError(f"method name {name!r} of {cls.__name__} is taken by {METHODS[name].__name__}")
+        METHODS[name] = cls
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
@@ -44,11 +63,29 @@ class MethodConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def method_names(kind: str | None = None) -> list[str]:
+    """Registered method names, of one kind or all."""
+    return sorted(n for n, c in METHODS.items() if kind is None or c.kind == kind)
+
+
+def get_method(name: str, kind: str | None = None) -> type:
+    """The config class registered as `name` (of `kind`, when given)."""
+    cls = METHODS.get(name)
+    if cls is None or (kind is not None and cls.kind != kind):
+        raise ValueError(f"unknown method {name!r}; expected one of {method_names(kind)}")
+    return cls
+
+
 def config_from_dict(d: dict[str, Any]) -> MethodConfig:
     name = d.get("method")
-    if name not in CONFIG_TYPES:
-        raise ValueError(f"expected a known method in config, got {name!r} (known: {sorted(CONFIG_TYPES)})")
-    return CONFIG_TYPES[name].from_dict(d)
+    if d.get("version", CONFIG_VERSION) < 2:
+        name = _V1_NAMES.get(name, name)
+    return get_method(name).from_dict(d)
+
+
+def handler_for(config: MethodConfig) -> Callable[..., "Report"] | None:
+    """The registered handler of the config's type or its nearest registered base."""
+    return next((REGISTRY[t] for t in type(config).__mro__ if t in REGISTRY), None)
 
 
 @dataclass
@@ -89,9 +126,9 @@ class Report:
 
 
 def register(config_type: type) -> Callable:
+    """Decorator: `fn(model, config, **kw) -> Report` applies configs of `config_type` (and its presets)."""
     def wrap(fn: Callable) -> Callable:
         REGISTRY[config_type] = fn
-        CONFIG_TYPES[config_type.method] = config_type
         return fn
     return wrap
 
@@ -103,7 +140,11 @@ def applied_methods(model: nn.Module) -> list[dict[str, Any]]:
 
 def compress_(model: nn.Module, config: MethodConfig, **kwargs) -> Report:
     """Apply the method described by `config` to `model` in place; returns a Report."""
-    handler = REGISTRY.get(type(config))
+    if isinstance(config, MethodConfig) and config.kind != "compress":
+        where = {"finetune": "mpokit finetune / mpokit.train.finetune", "kv-cache": "mpokit eval --kv-cache / "
+                 "mpokit.methods.kv_cache.make_kv_cache"}[config.kind]
+        raise TypeError(f"expected a compression config, got {type(config).__name__} (applied by {where})")
+    handler = handler_for(config)
     if handler is None:
         raise TypeError(f"expected a registered method config, got {type(config).__name__} "
                         f"(registered: {[t.__name__ for t in REGISTRY]})")

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mpokit.ops.budget import Candidate, best_within
+
 __all__ = [
     "TTInfo", "check_finite", "pad_matrix", "full_bonds", "core_shapes", "count_params",
-    "tt_svd", "tt_svd_to_budget", "tt_to_matrix", "bonds_for_budget", "fill_bonds",
+    "tt_svd", "tt_svd_to_budget", "tt_truncate", "tt_to_matrix", "bond_ladder", "bond_raises", "bonds_for_budget",
 ]
 
 
@@ -80,12 +82,16 @@ def _check_layout(matrix: torch.Tensor, out_dims: list[int], in_dims: list[int])
         )
 
 
+def _tails(s: torch.Tensor) -> torch.Tensor:
+    """tail[k] = ||s[k:]||: the norm discarded by keeping k singular values."""
+    return torch.sqrt(torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0]))
+
+
 def _rank_for(s: torch.Tensor, cap: int | None, delta: float | None) -> int:
     """Smallest rank whose discarded tail norm is <= delta, capped at cap (at least 1)."""
     rank = s.numel()
     if delta is not None and delta > 0:
-        tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0]))  # tail[k] = ||s[k:]||
-        rank = int((tail > delta).sum().item())
+        rank = int((_tails(s) > delta).sum().item())
     if cap is not None:
         rank = min(rank, cap)
     return max(rank, 1)
@@ -142,56 +148,105 @@ def tt_svd(
     return cores, TTInfo(bonds=bonds, discarded=discarded, norm=norm, spectra=spectra)
 
 
-def bonds_for_budget(spectra: list[torch.Tensor], out_dims: list[int], in_dims: list[int], max_params: int,
-                     iters: int = 60) -> list[int]:
-    """Bonds with the most parameters <= max_params, from the bond spectra of a full TT-SVD.
+def bond_ladder(spectra: list[torch.Tensor], out_dims: list[int], in_dims: list[int]) -> list[Candidate]:
+    """Candidates for one MPO from the bond spectra of its full TT-SVD (pure arithmetic, no SVDs).
 
-    Bisection on one discarded-norm threshold shared by all bonds (pure arithmetic on
-    the spectra, no new SVDs), then `fill_bonds` spends what is left.
+    One discarded-norm threshold shared by every bond keeps, at each bond, the singular values
+    whose tail norm ||s[r:]|| exceeds it (at least one); the ladder holds the bonds of every
+    threshold, coarsest first, then the full bonds. error: the squared discarded norm,
+    sum_k ||s_k[r_k:]||^2 (an estimate: truncating one bond changes the spectra after it);
+    choice: the bonds, as a tuple.
     """
+    tails = [_tails(s).tolist() for s in spectra]
+
+    def candidate(bonds: list[int]) -> Candidate:
+        error = sum(t[r] ** 2 if r < len(t) else 0.0 for t, r in zip(tails, bonds))
+        return Candidate(count_params(out_dims, in_dims, bonds), error, tuple(bonds))
+
+    events = sorted(((v, k) for k, t in enumerate(tails) for v in t if v > 0), key=lambda e: -e[0])
+    kept = [0] * len(tails)
+    ladder = [candidate([1] * len(tails))]
+    for j, (v, k) in enumerate(events):
+        kept[k] += 1
+        if j + 1 < len(events) and events[j + 1][0] == v:
+            continue  # equal tails cross the threshold together
+        bonds = [max(r, 1) for r in kept]
+        if list(ladder[-1].choice) != bonds:
+            ladder.append(candidate(bonds))
+    full = [s.numel() for s in spectra]
+    if list(ladder[-1].choice) != full:
+        ladder.append(candidate(full))
+    return ladder
+
+
+def bond_raises(out_dims: list[int], in_dims: list[int], bonds: list[int], limits: list[int],
+                max_params: float) -> list[Candidate]:
+    """Candidates from `bonds` up: raise the cheapest bond below its limit by one (ties: the first),
+    again and again, while the MPO keeps <= max_params parameters. Without a spectrum every raise
+    is worth the same (error = minus the number of raises), so a planner spends its cap on as
+    many raises as fit, cheapest first."""
+    bonds = list(bonds)
+    size = count_params(out_dims, in_dims, bonds)
+    raises = [Candidate(size, 0.0, tuple(bonds))]
+    while True:
+        r = [1, *bonds, 1]  # raising r_{k+1} grows cores k and k+1
+        options = [(out_dims[k] * in_dims[k] * r[k] + out_dims[k + 1] * in_dims[k + 1] * r[k + 2], k)
+                   for k in range(len(bonds)) if bonds[k] < limits[k]]
+        if not options or size + min(options)[0] > max_params:
+            return raises
+        cost, k = min(options)
+        bonds[k] += 1
+        size += cost
+        raises.append(Candidate(size, -float(len(raises)), tuple(bonds)))
+
+
+def bonds_for_budget(spectra: list[torch.Tensor], out_dims: list[int], in_dims: list[int],
+                     max_params: int) -> list[int]:
+    """Bonds with the most parameters <= max_params, from the bond spectra of a full TT-SVD:
+    the least-error rung of `bond_ladder` that fits, then the cheapest raises that still fit."""
     minimum = count_params(out_dims, in_dims, [1] * (len(out_dims) - 1))
     if max_params < minimum:
         raise ValueError(f"expected a parameter budget >= {minimum} for layout {out_dims}x{in_dims}, got {max_params}")
+    base = best_within(bond_ladder(spectra, out_dims, in_dims), max_params).choice
     limits = [s.numel() for s in spectra]
-    lo, hi = 0.0, max(float(torch.linalg.vector_norm(s)) for s in spectra) if spectra else 0.0
-    bonds = [1] * len(spectra)
-    if count_params(out_dims, in_dims, limits) <= max_params:
-        return limits
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        trial = [_rank_for(s, None, mid) for s in spectra]
-        if count_params(out_dims, in_dims, trial) <= max_params:
-            bonds, hi = trial, mid
+    return list(best_within(bond_raises(out_dims, in_dims, base, limits, max_params), max_params).choice)
+
+
+def tt_truncate(cores: list[torch.Tensor], info: TTInfo, bonds: list[int]) -> tuple[list[torch.Tensor], TTInfo]:
+    """What tt_svd(W, max_bond=bonds) returns, from the untruncated (cores, info) = tt_svd(W),
+    without a second TT-SVD: only SVDs of the small factors the sweep carries.
+
+    The full sweep leaves W's rest after bond k as S_k V_k^T (V_k orthonormal), continued by
+    cores k+1.. . The truncated sweep factorizes K_k S_k V_k^T there, with K_k the full core k
+    seen through the directions kept at bond k-1: its singular values and left vectors are
+    those of K_k S_k, (r_{k-1} o_k i_k, R_k). Equal to the direct sweep up to the signs of
+    singular vectors (and rounding).
+    """
+    n = len(cores)
+    if len(bonds) != n - 1:
+        raise ValueError(f"expected {n - 1} bonds, got {len(bonds)}")
+    if info.bonds != [s.numel() for s in info.spectra]:
+        raise ValueError(f"expected the cores of an untruncated tt_svd, got bonds {info.bonds}")
+    if all(b >= r for b, r in zip(bonds, info.bonds)):
+        return list(cores), info
+    out, kept, discarded, spectra = [], [], [], []
+    g = None  # (r_{k-1}, R_{k-1}): directions kept at bond k-1, in the full sweep's basis
+    for k in range(n - 1):
+        m = cores[k] if g is None else torch.tensordot(g, cores[k], dims=1)  # (r_{k-1}, o_k, i_k, R_k)
+        r_prev, o, i, full = m.shape
+        m = m.reshape(r_prev * o * i, full)  # K_k
+        if g is None:  # K_0 is the full sweep's U_1: its SVD is already known
+            u, s = m, info.spectra[0]
         else:
-            lo = mid
-    return fill_bonds([(out_dims, in_dims, bonds, limits)], max_params)[0]
-
-
-def fill_bonds(layouts: list[tuple], max_params: int) -> list[list[int]]:
-    """Spend leftover budget across one or many MPOs: raise the cheapest bond by one while the
-    total stays <= max_params. layouts: (out_dims, in_dims, bonds, bond_limits[, layer_cap]) per
-    MPO; layer_cap (e.g. the dense size) bounds that MPO's own parameter count."""
-    bonds = [list(lay[2]) for lay in layouts]
-    sizes = [count_params(lay[0], lay[1], b) for lay, b in zip(layouts, bonds)]
-    caps = [lay[4] if len(lay) > 4 else None for lay in layouts]
-    total = sum(sizes)
-
-    def cost(j: int, k: int) -> int:
-        o, i = layouts[j][0], layouts[j][1]
-        r = [1, *bonds[j], 1]  # raising r_{k+1} grows cores k and k+1
-        return o[k] * i[k] * r[k] + o[k + 1] * i[k + 1] * r[k + 2]
-
-    while True:
-        options = [(cost(j, k), j, k) for j, lay in enumerate(layouts) for k in range(len(bonds[j]))
-                   if bonds[j][k] < lay[3][k]]
-        options = [t for t in options if total + t[0] <= max_params
-                   and (caps[t[1]] is None or sizes[t[1]] + t[0] <= caps[t[1]])]
-        if not options:
-            return bonds
-        c, j, k = min(options)
-        bonds[j][k] += 1
-        sizes[j] += c
-        total += c
+            u, s, _ = torch.linalg.svd(m * info.spectra[k], full_matrices=False)
+        r = max(min(bonds[k], s.numel()), 1)
+        out.append(u[:, :r].reshape(r_prev, o, i, r))
+        g = torch.eye(full, dtype=m.dtype, device=m.device)[:r] if k == 0 else u[:, :r].T @ m  # (r, R_k)
+        kept.append(r)
+        discarded.append(torch.linalg.vector_norm(s[r:]).item())
+        spectra.append(s)
+    out.append(torch.tensordot(g, cores[-1], dims=1))  # (r_{n-1}, o_n, i_n, 1)
+    return out, TTInfo(bonds=kept, discarded=discarded, norm=info.norm, spectra=spectra)
 
 
 def tt_svd_to_budget(
@@ -202,12 +257,9 @@ def tt_svd_to_budget(
     *,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[list[torch.Tensor], TTInfo]:
-    """TT-SVD whose cores hold at most max_params parameters (as many as fit)."""
-    full = tt_svd(matrix, out_dims, in_dims, compute_dtype=compute_dtype)
-    bonds = bonds_for_budget(full[1].spectra, out_dims, in_dims, max_params)
-    if bonds == full[1].bonds:
-        return full
-    return tt_svd(matrix, out_dims, in_dims, max_bond=bonds, compute_dtype=compute_dtype)
+    """TT-SVD whose cores hold at most max_params parameters (as many as fit); one sweep."""
+    cores, info = tt_svd(matrix, out_dims, in_dims, compute_dtype=compute_dtype)
+    return tt_truncate(cores, info, bonds_for_budget(info.spectra, out_dims, in_dims, max_params))
 
 
 def tt_to_matrix(cores: list[torch.Tensor]) -> torch.Tensor:

@@ -52,8 +52,31 @@ def weight_matrix(module: nn.Module):
 
 def _matches(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error as e:
+            raise ValueError(f"expected a valid regular expression over module names, got {targets!r} ({e})") from None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_selector(value, what: str, allow_empty: bool = False) -> None:
+    """None, a valid regular expression, or a list of non-empty names (non-empty unless allow_empty)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"expected a regular expression or a list of module names for {what}, got ''")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"expected a valid regular expression for {what}, got {value!r} ({e})") from None
+        return
+    names = list(value)
+    if not names and not allow_empty:
+        raise ValueError(f"expected at least one module name in {what}, got []")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"expected non-empty module names in {what}, got {bad[0]!r} in {names!r}")
 
 
 def find_targets(
@@ -63,6 +86,8 @@ def find_targets(
     types: tuple[type, ...] | None = None,
 ) -> list[str]:
     """Names of modules to edit, in model order. Raises if a listed name matches nothing."""
+    _check_selector(target_modules, "target_modules")
+    _check_selector(exclude_modules, "exclude_modules", allow_empty=True)
     targets = default_targets(model) if target_modules is None else target_modules
     names = [n for n, m in model.named_modules() if n and (is_weight_layer(m) if types is None else isinstance(m, types))]
     chosen = [n for n in names if _matches(n, targets)]

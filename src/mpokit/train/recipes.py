@@ -1,6 +1,7 @@
 """`mpokit finetune` recipes: pick what trains (full, MPOP, recovery, OPF, OPDF, LoRA), fit, evaluate, save."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ class FinetuneOptions:
     eval_limit: int | None = None
     seed: int = 0
     save_steps: int | None = None
-    resume: bool = False
+    save_total_limit: int | None = 3  # Trainer checkpoints kept (None: all)
+    resume: bool | str = False  # True: newest valid checkpoint under out/trainer; a path: that checkpoint
     num_cores: int = 3  # MPOP decomposition of a dense model
     squeeze_bond: int | None = None  # MPOP dimension squeezing target
     squeeze_steps: int = 2
@@ -53,6 +55,20 @@ class FinetuneOptions:
     max_minutes: float | None = None  # stop training at this wall-clock budget (the schedule keeps max_steps)
 
     def __post_init__(self) -> None:
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("seq_len", 2), ("eval_tokens", 2), ("context", 2),
+                          ("num_cores", 2), ("squeeze_steps", 1), ("opf_count", 1), ("opf_extra", 1),
+                          ("lora_rank", 1), ("warmup_steps", 0), ("grad_accum", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"expected {name} >= {low} (an integer), got {value!r}")
+        for name in ("train_limit", "eval_limit", "save_steps", "save_total_limit", "squeeze_bond"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"expected {name} >= 1 (an integer) or None, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"expected lr > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"expected weight_decay >= 0, got {self.weight_decay}")
         if self.method not in METHODS:
             raise ValueError(f"expected method in {METHODS}, got {self.method!r}")
         if self.task not in TASKS:
@@ -62,7 +78,7 @@ class FinetuneOptions:
         if self.warmup_steps < 0 or self.grad_accum < 1:
             raise ValueError(f"expected warmup_steps >= 0 and grad_accum >= 1, got {self.warmup_steps} and "
                              f"{self.grad_accum}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"expected max_minutes > 0, got {self.max_minutes}")
         if self.method in ("opdf", "kd") and not self.teacher:
             raise ValueError(f"expected --teacher for --method {self.method}, got none")
@@ -146,10 +162,17 @@ def finetune(o: FinetuneOptions) -> dict:
     from mpokit.train.trainer import fit
 
     t0 = time.time()
+    if not isinstance(o.resume, bool) and not Path(o.resume).exists():  # before minutes of loading
+        raise FileNotFoundError(f"missing checkpoint to resume from: {o.resume}")
     torch.manual_seed(o.seed)  # a freshly added classifier head starts the same for every method
     task = "causal-lm" if o.task == "lm" else "sequence-classification"
     loaded = load_model(o.model, task=task)
     model, tok = loaded.model, loaded.tokenizer
+    from mpokit.eval.perplexity import check_positions
+
+    check_positions(model, o.seq_len, "--seq-len")
+    if o.task == "lm":
+        check_positions(model, min(o.context, o.eval_tokens), "--context")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     train, evaluation, collator = _datasets(o, tok)
@@ -192,7 +215,7 @@ def finetune(o: FinetuneOptions) -> dict:
         trainable = squeeze_log[-1]["trainable_params"]
     else:
         result = fit(model, train, str(Path(o.out) / "trainer"), max_steps=o.max_steps, save_steps=o.save_steps,
-                     resume=o.resume or None, **kw)
+                     save_total_limit=o.save_total_limit, resume=o.resume or None, **kw)
     model.eval()
     if o.method == "lora":
         model = model.merge_and_unload()
@@ -203,7 +226,7 @@ def finetune(o: FinetuneOptions) -> dict:
            "train_seconds": result.seconds, "stopped_by_time": result.stopped_by_time,
            "tokens_seen": result.global_step * o.batch_size * o.grad_accum * o.seq_len if o.task == "lm" else None,
            "trainable_params": trainable, "params": count_params(model), "train_loss": result.train_loss,
-           "selected": selected, "squeeze": squeeze_log}
+           "selected": selected, "squeeze": squeeze_log, "resumed_from": result.resumed_from}
     if o.task == "sst2":
         from mpokit.train.evaluate import accuracy
 
@@ -216,6 +239,6 @@ def finetune(o: FinetuneOptions) -> dict:
         out.update(perplexity=res.perplexity, eval_tokens=res.tokens, context=o.context)
     from mpokit.io.checkpoint import save_compressed
 
-    out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok))
+    out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, overwrite=True))  # the run owns it
     out["seconds"] = time.time() - t0
     return out

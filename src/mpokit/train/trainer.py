@@ -5,6 +5,7 @@ The optimizer is built inside `Trainer.train()`, i.e. after any layer swap done 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,6 +24,7 @@ class FitResult:
     trainable_params: int
     seconds: float = 0.0  # wall clock of trainer.train()
     stopped_by_time: bool = False
+    resumed_from: str | None = None  # the verified checkpoint training continued from
 
 
 def _trainer_cls():
@@ -51,28 +53,43 @@ def __getattr__(name):  # lazy: importing transformers' Trainer costs seconds
 
 
 def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: int = 8, lr: float = 5e-5,
-        weight_decay: float = 0.0, warmup_steps: int = 0, save_steps: int | None = None, seed: int = 0,
+        weight_decay: float = 0.0, warmup_steps: int = 0, save_steps: int | None = None,
+        save_total_limit: int | None = 3, seed: int = 0,
         resume: bool | str | None = None, collator=None, loss_fn: Callable | None = None,
         logging_steps: int = 1, progress: bool = False, callbacks: list | None = None,
         lr_scheduler: str = "linear", grad_accum: int = 1, max_minutes: float | None = None) -> FitResult:
     """Train `model` (its requires_grad flags decide what trains) for max_steps optimizer steps.
 
-    save_steps: write a Trainer checkpoint every N steps to out_dir/checkpoint-N.
-    resume: True (latest checkpoint in out_dir) or a checkpoint path: Trainer restores weights,
-        optimizer, scheduler, RNG states and the data position.
+    save_steps: write a Trainer checkpoint every N steps to out_dir/checkpoint-N, each followed by
+        a hash manifest (train.checkpoints); save_total_limit: checkpoints kept (None: all).
+    resume: True (the newest checkpoint in out_dir that verifies; invalid newer ones are moved aside
+        and, with none valid, training starts afresh, each said on stderr) or a checkpoint path (it
+        must verify): Trainer restores weights, optimizer, scheduler, RNG states and the data position.
     callbacks: transformers TrainerCallbacks (e.g. one that stops early, to simulate an interruption).
     max_minutes: wall-clock training budget; training stops at the first step past it (the LR schedule
         still follows max_steps, so pick max_steps that fits the budget for a complete schedule).
     """
     from transformers import TrainingArguments
 
+    from mpokit.train.checkpoints import manifest_callback, pick_resume
     from mpokit.train.params import count_trainable
 
     if max_steps < 1:
         raise ValueError(f"expected max_steps >= 1, got {max_steps}")
     if grad_accum < 1:
         raise ValueError(f"expected grad_accum >= 1, got {grad_accum}")
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    if save_steps is not None and save_steps < 1:
+        raise ValueError(f"expected save_steps >= 1, got {save_steps}")
+    if save_total_limit is not None and save_total_limit < 1:
+        raise ValueError(f"expected save_total_limit >= 1 (or None: keep all), got {save_total_limit}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"expected a learning rate > 0, got {lr}")
+    resume = pick_resume(out_dir, resume)  # verified before anything trains (raises for a bad explicit path)
     callbacks = list(callbacks or [])
+    if save_steps:
+        callbacks.append(manifest_callback())
     timer = _time_limit_callback(max_minutes) if max_minutes else None
     if timer is not None:
         callbacks.append(timer)
@@ -80,7 +97,8 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=seed, data_seed=seed,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=save_total_limit,
+        seed=seed, data_seed=seed,
         logging_steps=logging_steps, report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False, dataloader_num_workers=0,
     )
@@ -91,7 +109,7 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return FitResult(trainer.state.global_step, float(out.training_loss), losses, count_trainable(model), seconds,
-                     bool(timer is not None and timer.fired))
+                     bool(timer is not None and timer.fired), resume)
 
 
 def _time_limit_callback(max_minutes: float):

@@ -1,10 +1,10 @@
 """Split a global parameter budget over layers from their (weighted) singular value spectra.
 
 Keeping singular value j of layer l removes sigma_lj^2 of output error and costs
-(out_l + in_l) parameters. Taking components in order of error removed per parameter
-is optimal for these convex error curves (spectra are sorted), except that a layer
-whose rank reaches out*in/(out+in) is cheaper stored dense: such layers are fixed
-dense and the rest re-allocated.
+(out_l + in_l) parameters: each layer's ranks are a ladder of budget candidates for
+ops.budget.plan, which takes components in order of error removed per parameter (optimal
+for these convex error curves, spectra being sorted). A layer whose rank reaches
+out*in/(out+in) is cheaper stored dense: it is kept dense and the rest re-allocated.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerSpectrum", "allocate_global", "allocate_uniform"]
+from mpokit.ops.budget import Candidate, plan
+
+__all__ = ["LayerSpectrum", "allocate_global", "allocate_uniform", "ladder"]
 
 
 @dataclass
@@ -44,6 +46,17 @@ def allocate_uniform(spectra: dict[str, LayerSpectrum], budget: float) -> dict[s
     return out
 
 
+def ladder(sp: LayerSpectrum, normalize: bool = False) -> list[Candidate]:
+    """Rank r = 1 .. dense_rank as budget candidates: cost r * (rows + cols) parameters, error the
+    discarded sum_{j >= r} sigma_j^2 (each layer's relative error when normalize=True)."""
+    e = sp.sigma.double() ** 2
+    if normalize:
+        e = e / e.sum().clamp_min(1e-30)
+    tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0]).tolist()  # tail[r] = sum_{j >= r} e_j
+    top = max(min(sp.dense_rank, e.numel()), 1)
+    return [Candidate(r * sp.rank_cost, tail[r] if r < len(tail) else 0.0, r) for r in range(1, top + 1)]
+
+
 def allocate_global(spectra: dict[str, LayerSpectrum], budget: float, normalize: bool = False) -> dict[str, int | None]:
     """Ranks (None = dense) with total parameters <= budget * sum of dense parameters.
 
@@ -52,29 +65,6 @@ def allocate_global(spectra: dict[str, LayerSpectrum], budget: float, normalize:
     """
     names = list(spectra)
     limit = int(budget * sum(sp.dense_params for sp in spectra.values()))
-    dense: set[str] = set()
-    for _ in range(len(names) + 1):
-        free = limit - sum(spectra[n].dense_params for n in dense) - sum(spectra[n].rank_cost for n in names
-                                                                           if n not in dense)  # rank >= 1 each
-        ranks = {n: 1 for n in names if n not in dense}
-        gains, costs, owners = [], [], []
-        for n in ranks:
-            sp = spectra[n]
-            e = sp.sigma.double() ** 2
-            if normalize:
-                e = e / e.sum().clamp_min(1e-30)
-            cap = min(sp.dense_rank, e.numel())
-            gains.append(e[1:cap] / sp.rank_cost)
-            costs.append(torch.full((max(cap - 1, 0),), sp.rank_cost, dtype=torch.float64))
-            owners.extend([n] * max(cap - 1, 0))
-        if owners:
-            g, c = torch.cat(gains), torch.cat(costs)
-            order = torch.argsort(g, descending=True)
-            taken = int((torch.cumsum(c[order], 0) <= free).sum())
-            for idx in order[:taken].tolist():
-                ranks[owners[idx]] += 1
-        newly_dense = {n for n, r in ranks.items() if r >= spectra[n].dense_rank}
-        if not newly_dense:
-            return {**ranks, **{n: None for n in dense}}
-        dense |= newly_dense
-    return {**ranks, **{n: None for n in dense}}
+    chosen = plan([ladder(spectra[n], normalize) for n in names], limit,
+                  dense=[Candidate(spectra[n].dense_params, 0.0, None) for n in names])
+    return {n: c.choice for n, c in zip(names, chosen)}

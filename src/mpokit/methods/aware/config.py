@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
 from mpokit.methods.base import MethodConfig
 
-__all__ = ["AwareConfig", "SCALINGS", "SENSITIVITIES", "ALLOCATIONS", "LAYOUTS"]
+__all__ = ["AwareConfig", "MPO3CoreConfig", "AwareGlobalConfig", "WhitenedSVDConfig", "ASVDConfig", "SVDConfig",
+           "SCALINGS", "SENSITIVITIES", "ALLOCATIONS", "LAYOUTS"]
 
 SCALINGS = ("whiten", "diag", "none")
 SENSITIVITIES = ("fisher", "none")
@@ -50,7 +53,7 @@ class AwareConfig(MethodConfig):
       (measured on SmolLM2: MPO beat low rank on the wide-input FFN down projection only).
     """
 
-    method: ClassVar[str] = "mpo-aware"
+    method: ClassVar[str] = "mpo"  # the default: each layer a 2-core MPO (low rank) or dense
     budget: float = 0.8
     scaling: str = "whiten"
     sensitivity: str = "fisher"
@@ -76,6 +79,18 @@ class AwareConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.layouts = tuple(self.layouts)
+        for name in ("refine_steps", "fisher_tokens", "fisher_full_max", "calibration_tokens", "calibration_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"expected an integer {name}, got {value!r}")
+        for name in ("budget", "alpha", "damp", "correct_ridge", "mpo_min_in_ratio", "fisher_damp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"expected a finite number for {name}, got {value!r}")
+        if min(self.alpha, self.damp, self.correct_ridge, self.mpo_min_in_ratio, self.refine_steps) < 0:
+            raise ValueError(f"expected alpha, damp, correct_ridge, mpo_min_in_ratio, refine_steps >= 0, got "
+                             f"{self.alpha}, {self.damp}, {self.correct_ridge}, {self.mpo_min_in_ratio}, "
+                             f"{self.refine_steps}")
         if not (0 < self.budget <= 1):
             raise ValueError(f"expected budget in (0, 1], got {self.budget}")
         if self.scaling not in SCALINGS:
@@ -96,3 +111,50 @@ class AwareConfig(MethodConfig):
                              f"{self.calibration_tokens} and {self.calibration_context}")
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"expected forward_mode in {FORWARD_MODES}, got {self.forward_mode!r}")
+
+
+# Named presets of the aware method: the same handler, other defaults.
+@dataclass
+class MPO3CoreConfig(AwareConfig):
+    """+ a refined 3-core MPO where it beats low rank (SmolLM2 @0.8: same perplexity, 4x the time)."""
+
+    method: ClassVar[str] = "mpo-3core"
+    layouts: tuple[str, ...] = ("lowrank", "mpo")
+
+
+@dataclass
+class AwareGlobalConfig(AwareConfig):
+    """Ablation: input weighting only, global allocation by relative output error."""
+
+    method: ClassVar[str] = "aware-global"
+    sensitivity: str = "none"
+    error_norm: str = "relative"
+
+
+@dataclass
+class WhitenedSVDConfig(AwareConfig):
+    """Baseline SVD-LLM: whitened truncated SVD, the same fraction of every layer."""
+
+    method: ClassVar[str] = "whitened-svd"
+    sensitivity: str = "none"
+    allocation: str = "uniform"
+
+
+@dataclass
+class ASVDConfig(AwareConfig):
+    """Baseline ASVD: per-channel activation scaling, the same fraction of every layer."""
+
+    method: ClassVar[str] = "asvd"
+    scaling: str = "diag"
+    sensitivity: str = "none"
+    allocation: str = "uniform"
+
+
+@dataclass
+class SVDConfig(AwareConfig):
+    """Baseline: plain truncated SVD of the weights, the same fraction of every layer."""
+
+    method: ClassVar[str] = "svd"
+    scaling: str = "none"
+    sensitivity: str = "none"
+    allocation: str = "uniform"

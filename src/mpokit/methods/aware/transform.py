@@ -21,11 +21,12 @@ from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, alloca
 from mpokit.methods.aware.config import AwareConfig
 from mpokit.methods.aware.refine import mpo_candidate
 from mpokit.methods.base import LayerRecord, Report, register
+from mpokit.methods.mpo.transform import tie_to
 from mpokit.ops.whiten import apply_left, output_factor, scaled_svd, whitened_svd, whitening_factor
-from mpokit.surgery.replace import get_module, set_module
+from mpokit.surgery.replace import get_module, set_module, shared_outside, tied_groups
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["aware_compress", "weighted_factors"]
+__all__ = ["aware_compress_", "weighted_factors", "tied_partners"]
 
 # Products and whitening stay float64; the SVDs of the weighted matrices run in float32
 # (about 2x faster on CPU), whose ~1e-7 relative precision is far below any truncation.
@@ -97,14 +98,51 @@ def _stream(model, names, batches, on_block, progress, desc, reference: bool = F
         on_block(-1, outside, collect_input_stats(model, outside, batches, progress=progress))
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def tied_partners(model: nn.Module, names: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(primaries, partners): the targets to factorize, and for each the layers tied to its weight,
+    which will share its cores (as MPOConfig does for embed_tokens/lm_head). A target tied to an
+    earlier target is not factorized twice. Sharing that is not a whole-weight tie of the same
+    orientation is refused: the factorized layer would silently untie it."""
+    groups = {n: g for g in tied_groups(model) for n in g}
+    primaries, partners, taken = [], {}, set()
+    for n in names:
+        if n in taken:
+            continue
+        primaries.append(n)
+        others = [o for o in groups.get(n, []) if o != n]
+        if others:
+            partners[n] = others
+            taken.update(others)
+    module_of = {n: get_module(model, n) for g in partners.values() for n in g}
+    for n, others in partners.items():
+        m = get_module(model, n)
+        bad = [o for o in others if _is_conv1d(module_of[o]) != _is_conv1d(m)
+               or tuple(weight_matrix(module_of[o]).shape) != tuple(weight_matrix(m).shape)]
+        if bad:
+            raise ValueError(f"expected layers tied to {n} to use its weight the same way, got {bad} "
+                             "(transposed use); leave it out of the targets")
+    unexplained = {n: [o for o in others if o not in partners.get(n, [])]
+                   for n, others in shared_outside(model, primaries).items()}
+    unexplained = {n: o for n, o in unexplained.items() if o}
+    if unexplained:
+        raise ValueError(f"expected targets whose weights are tied whole or not at all, got {unexplained}: "
+                         "factorizing them would untie the shared tensors; leave them out of the targets")
+    return primaries, partners
+
+
 @register(AwareConfig)
-def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibration_text: str | None = None,
+def aware_compress_(model: nn.Module, config: AwareConfig, tokenizer=None, calibration_text: str | None = None,
                    batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
     names = find_targets(model, config.target_modules, config.exclude_modules)
     embeddings = [n for n in names if isinstance(get_module(model, n), nn.Embedding)]
     if embeddings:
         raise ValueError(f"expected linear layers for activation-aware compression, got embeddings {embeddings}; "
                          "use MPOConfig (data-free) for embeddings")
+    names, partners = tied_partners(model, names)
     needs_data = config.needs_calibration
     batches = (resolve_calibration(batches, tokenizer, calibration_text, config.calibration_tokens,
                                    config.calibration_context, "activation-aware compression")
@@ -136,6 +174,8 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
     else:
         ranks = allocate_uniform(spectra, config.budget)
     report = Report(method=config.method)
+    tied: dict[str, str] = {}
+    sizes = {"bytes_before": 0, "bytes_after": 0}
 
     def compress_block(_, local, stats):
         changed = False
@@ -143,7 +183,9 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
             module = get_module(model, n)
             w = weight_matrix(module).detach()
             dense = w.numel()
+            sizes["bytes_before"] += dense * w.element_size()
             if ranks[n] is None:
+                sizes["bytes_after"] += dense * w.element_size()
                 report.layers.append(LayerRecord(n, "dense", tuple(w.shape), dense, dense, 0.0))
                 continue
             kind, scale = _input_scale(config, stats, n)
@@ -167,8 +209,13 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
                     if getattr(module, "bias", None) is not None:
                         new.bias = nn.Parameter(module.bias.detach().clone())
             set_module(model, n, new)
+            for other in partners.get(n, []):  # tied weights (lm_head <-> embed_tokens) share the cores
+                set_module(model, other, tie_to(new, get_module(model, other), n))
+                tied[other] = n
+            sizes["bytes_after"] += sum(c.numel() * c.element_size() for c in new.cores)  # shared cores once
             report.layers.append(LayerRecord(n, layout, tuple(w.shape), dense, new.core_params(), err,
-                                             {"bonds": new.bonds, "out_dims": new.out_dims, "in_dims": new.in_dims}))
+                                             {"bonds": new.bonds, "out_dims": new.out_dims, "in_dims": new.in_dims,
+                                              "tied": partners.get(n, [])}))
             changed = True
         return changed
 
@@ -178,5 +225,7 @@ def aware_compress(model: nn.Module, config: AwareConfig, tokenizer=None, calibr
     else:
         compress_block(None, names, None)
     report.extra.update(calibration_tokens=sum(b.numel() for b in batches) if batches else 0,
-                        dense_layers=sum(r is None for r in ranks.values()), sensitivity=config.sensitivity)
+                        dense_layers=sum(r is None for r in ranks.values()), sensitivity=config.sensitivity,
+                        tied=tied, **sizes,
+                        bytes_ratio=sizes["bytes_after"] / sizes["bytes_before"] if sizes["bytes_before"] else 1.0)
     return report

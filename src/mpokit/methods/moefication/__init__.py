@@ -1,4 +1,4 @@
-from mpokit.methods.moefication.config import MoEficationConfig
-from mpokit.methods.moefication.transform import moe_layers, moefy, set_top_k_
+from mpokit.methods.moefication.config import MoEficationConfig, MoEficationRefitConfig
+from mpokit.methods.moefication.transform import moe_layers, moefy_, set_top_k_
 
-__all__ = ["MoEficationConfig", "moefy", "set_top_k_", "moe_layers"]
+__all__ = ["MoEficationConfig", "MoEficationRefitConfig", "moefy_", "set_top_k_", "moe_layers"]

@@ -14,13 +14,13 @@ from mpokit.methods.moefication.refit import refit_output_
 from mpokit.methods.moefication.router import collect_ffn_inputs, fit_router
 from mpokit.surgery.ffn import find_ffns, install_ffn, read_ffn
 
-__all__ = ["moefy", "set_top_k_", "moe_layers"]
+__all__ = ["moefy_", "set_top_k_", "moe_layers"]
 
 CLUSTER_TOKENS = 4096  # calibration tokens used for activation features
 
 
 @register(MoEficationConfig)
-def moefy(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibration_text: str | None = None,
+def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibration_text: str | None = None,
           batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
     """Replace every targeted FFN by a MoEFFN in place. batches: (1, L) token id tensors (optional)."""
     sites = find_ffns(model, config.target_modules, config.exclude_modules)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,7 +19,9 @@ class MPOConfig(MethodConfig):
       budget: fraction of the targeted layers' parameters to keep in total, in (0, 1]. Each
         layer first gets that fraction of its own parameters, then the leftover is spread over
         all layers (cheapest bond first), so one layer may end above its own share, but
-        never above its dense size.
+        never above its dense size. 1.0 means no loss: each layer is its exact full-bond
+        MPO where that is no larger than the layer, else it stays dense (it always is
+        larger for a generic matrix, so 1.0 leaves the layers as they are).
       max_bond: cap on every bond dimension.
       cutoff: relative Frobenius error target per layer.
     Layout:
@@ -26,7 +30,7 @@ class MPOConfig(MethodConfig):
       local_dims: per-module override {name_or_suffix: [out_dims, in_dims]}.
     """
 
-    method: ClassVar[str] = "mpo"
+    method: ClassVar[str] = "mpo-datafree"
     budget: float | None = None
     max_bond: int | None = None
     cutoff: float | None = None
@@ -37,6 +41,16 @@ class MPOConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         set_ = [k for k in ("budget", "max_bond", "cutoff") if getattr(self, k) is not None]
+        if self.max_bond is not None and (isinstance(self.max_bond, bool)
+                                          or not isinstance(self.max_bond, numbers.Integral)):
+            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
+        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, numbers.Integral):
+            raise ValueError(f"expected an integer num_cores, got {self.num_cores!r}")
+        for name in ("budget", "cutoff"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"expected a finite number or None for {name}, got {value!r}")
         if len(set_) > 1:
             raise ValueError(f"expected at most one of budget/max_bond/cutoff, got {set_}")
         if self.budget is not None and not (0 < self.budget <= 1):

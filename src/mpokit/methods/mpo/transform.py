@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear, MPOModule, make_layout
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.mpo.config import MPOConfig
-from mpokit.ops.tt import bonds_for_budget, count_params, fill_bonds, pad_matrix, tt_svd
+from mpokit.ops.budget import plan
+from mpokit.ops.tt import TTInfo, bond_raises, bonds_for_budget, count_params, full_bonds, pad_matrix, tt_svd, tt_truncate
 from mpokit.surgery.replace import get_module, set_module, tied_groups
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["mpo_compress", "layer_layout", "plan_bonds", "decompose_module", "tie_to", "record_for"]
+__all__ = ["mpo_compress_", "layer_layout", "plan_bonds", "decompose_module", "module_from_cores", "tie_to", "record_for"]
 
 
 def layer_layout(config: MPOConfig, name: str, module: nn.Module) -> dict:
@@ -28,23 +30,31 @@ def layer_layout(config: MPOConfig, name: str, module: nn.Module) -> dict:
 
 
 def plan_bonds(model: nn.Module, names: list[str], layouts: dict[str, dict], budget: float,
-               progress: bool) -> dict[str, list[int]]:
-    """Bonds per layer so the targeted layers keep at most `budget` of their parameters in total.
+               progress: bool) -> dict[str, tuple[list[torch.Tensor], TTInfo]]:
+    """Cores per layer so the targeted layers keep at most `budget` of their parameters in total.
 
-    Each layer first gets its own share (bisection on its bond spectra), then the
-    leftover is spread over all layers one cheapest bond at a time.
+    One TT-SVD per layer gives its bond spectra. Each layer first gets its own share
+    (ops.tt.bonds_for_budget), then the leftover goes to the cheapest bond raises over all
+    layers (ops.budget.plan), never past a layer's dense size; the cores are that same
+    TT-SVD truncated (ops.tt.tt_truncate). The untruncated decompositions are held until
+    the plan is made (about the targeted weights' size, in float64).
     """
-    plans, total = [], 0
+    full, bases, total = {}, [], 0
     for name in tqdm(names, desc="mpo: spectra", disable=not progress):
         w = weight_matrix(get_module(model, name))
         od, idd = layouts[name]["out_dims"], layouts[name]["in_dims"]
-        padded = pad_matrix(w.detach(), math.prod(od), math.prod(idd))
-        _, info = tt_svd(padded, od, idd)
-        bonds = bonds_for_budget(info.spectra, od, idd, int(budget * w.numel()))
-        plans.append((od, idd, bonds, [s.numel() for s in info.spectra], max(w.numel(), count_params(od, idd, bonds))))
+        full[name] = tt_svd(pad_matrix(w.detach(), math.prod(od), math.prod(idd)), od, idd)
+        spectra = full[name][1].spectra
+        bonds = bonds_for_budget(spectra, od, idd, int(budget * w.numel()))
+        size = count_params(od, idd, bonds)
+        bases.append((od, idd, bonds, [s.numel() for s in spectra], size, max(w.numel(), size)))
         total += w.numel()
-    filled = fill_bonds(plans, int(budget * total))
-    return dict(zip(names, filled))
+    cap = int(budget * total)
+    leftover = cap - sum(b[4] for b in bases)
+    raises = [bond_raises(od, idd, bonds, limits, min(layer_cap, size + leftover))
+              for od, idd, bonds, limits, size, layer_cap in bases]
+    chosen = plan(raises, cap)
+    return {name: tt_truncate(*full[name], list(c.choice)) for name, c in zip(names, chosen)}
 
 
 def decompose_module(module: nn.Module, **kw) -> MPOModule:
@@ -53,6 +63,24 @@ def decompose_module(module: nn.Module, **kw) -> MPOModule:
         new = MPOEmbedding.from_embedding(module, **kw)
     else:
         new = MPOLinear.from_weight(weight_matrix(module), getattr(module, "bias", None), **kw)
+    new.orig_type = type(module).__name__
+    return new
+
+
+def module_from_cores(module: nn.Module, cores: list[torch.Tensor], info: TTInfo, forward_mode: str) -> MPOModule:
+    """The MPO layer standing in for a Linear, Conv1D or Embedding, from cores already computed."""
+    w = weight_matrix(module)
+    od, idd = [c.shape[1] for c in cores], [c.shape[2] for c in cores]
+    if isinstance(module, nn.Embedding):
+        new = MPOEmbedding(w.shape[0], w.shape[1], od, idd, info.bonds, padding_idx=module.padding_idx,
+                           forward_mode=forward_mode, device=w.device, dtype=w.dtype)
+    else:
+        bias = getattr(module, "bias", None)
+        new = MPOLinear(w.shape[1], w.shape[0], od, idd, info.bonds, bias=bias is not None,
+                        forward_mode=forward_mode, device=w.device, dtype=w.dtype)
+        if bias is not None:
+            new.bias.data.copy_(bias.detach())
+    new.set_cores(cores, info)
     new.orig_type = type(module).__name__
     return new
 
@@ -81,23 +109,33 @@ def record_for(name: str, old_weight, new: MPOModule, kind: str) -> LayerRecord:
     )
 
 
+def _keeps_dense(config: MPOConfig, module: nn.Module, layout: dict) -> bool:
+    """Budget 1.0 means no loss: a layer whose lossless (full-bond) MPO is larger than it stays dense."""
+    od, idd = layout["out_dims"], layout["in_dims"]
+    return config.budget == 1.0 and count_params(od, idd, full_bonds(od, idd)) > weight_matrix(module).numel()
+
+
 @register(MPOConfig)
-def mpo_compress(model: nn.Module, config: MPOConfig, progress: bool = True) -> Report:
+def mpo_compress_(model: nn.Module, config: MPOConfig, progress: bool = True) -> Report:
     names = find_targets(model, config.target_modules, config.exclude_modules)
     groups = {n: g for g in tied_groups(model) for n in g}
     primary = [n for n in names if not any(o in names[: names.index(n)] for o in groups.get(n, []) if o != n)]
     layouts = {n: layer_layout(config, n, get_module(model, n)) for n in primary}
-    planned = plan_bonds(model, primary, layouts, config.budget, progress) if config.budget is not None else {}
+    dense = [n for n in primary if _keeps_dense(config, get_module(model, n), layouts[n])]
+    budgeted = config.budget is not None and config.budget < 1
+    planned = plan_bonds(model, primary, layouts, config.budget, progress) if budgeted else {}
     report, done = Report(method=config.method), {}
     for name in tqdm(primary, desc="mpo: decompose", disable=not progress):
         module = get_module(model, name)
         w = weight_matrix(module)
-        kw = {**layouts[name], "forward_mode": config.forward_mode}
+        if name in dense:
+            report.layers.append(LayerRecord(name, "dense", tuple(w.shape), w.numel(), w.numel(), 0.0))
+            continue
         if name in planned:
-            kw["max_bond"] = planned[name]
-        else:
-            kw.update(max_bond=config.max_bond, cutoff=config.cutoff)
-        new = decompose_module(module, **kw)
+            new = module_from_cores(module, *planned.pop(name), config.forward_mode)
+        else:  # budget None or 1.0: untruncated unless max_bond/cutoff say otherwise
+            new = decompose_module(module, **layouts[name], forward_mode=config.forward_mode,
+                                   max_bond=config.max_bond, cutoff=config.cutoff)
         set_module(model, name, new)
         done[name] = new
         report.layers.append(record_for(name, w, new, "mpo"))

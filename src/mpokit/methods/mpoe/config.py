@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +45,17 @@ class MPOEConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "num_cores", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"expected an integer {name}, got {value!r}")
+        if self.max_bond is not None and (isinstance(self.max_bond, bool)
+                                          or not isinstance(self.max_bond, numbers.Integral)):
+            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
+        for name in ("grad_mask", "noise", "balance_coef", "router_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"expected a finite number for {name}, got {value!r}")
         if self.num_experts < 1:
             raise ValueError(f"expected num_experts >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:

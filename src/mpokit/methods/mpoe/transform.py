@@ -10,7 +10,7 @@ from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.mpoe.config import MPOEConfig
 from mpokit.surgery.ffn import find_ffns, install_ffn, read_ffn
 
-__all__ = ["mpoe_upcycle", "moe_aux_loss", "routed_layers"]
+__all__ = ["mpoe_upcycle_", "moe_aux_loss", "routed_layers"]
 
 
 def routed_layers(model: nn.Module) -> list[RoutedMoE]:
@@ -24,7 +24,7 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
 
 
 @register(MPOEConfig)
-def mpoe_upcycle(model: nn.Module, config: MPOEConfig, progress: bool = True) -> Report:
+def mpoe_upcycle_(model: nn.Module, config: MPOEConfig, progress: bool = True) -> Report:
     sites = find_ffns(model, config.target_modules, config.exclude_modules)
     report = Report(method=config.method)
     gen = torch.Generator().manual_seed(config.seed)

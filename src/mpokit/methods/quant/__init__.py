@@ -1,4 +1,4 @@
-from mpokit.methods.quant.config import QuantConfig
-from mpokit.methods.quant.transform import quant_compress
+from mpokit.methods.quant.config import GPTQConfig, QuantConfig
+from mpokit.methods.quant.transform import quant_compress_
 
-__all__ = ["QuantConfig", "quant_compress"]
+__all__ = ["QuantConfig", "GPTQConfig", "quant_compress_"]

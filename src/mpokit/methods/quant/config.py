@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.methods.base import MethodConfig
 from mpokit.ops.quant import SUPPORTED_BITS
 
-__all__ = ["QuantConfig", "MPO_CORE_CHOICES", "ALGORITHMS"]
+__all__ = ["QuantConfig", "GPTQConfig", "MPO_CORE_CHOICES", "ALGORITHMS"]
 
 MPO_CORE_CHOICES = ("all", "central", "auxiliary")
 ALGORITHMS = ("rtn", "gptq")
@@ -71,6 +73,12 @@ class QuantConfig(MethodConfig):
         return self.algorithm == "gptq"
 
     def __post_init__(self) -> None:
+        for name in ("bits", "group_size", "calibration_tokens", "calibration_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"expected an integer {name}, got {value!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not math.isfinite(self.damp):
+            raise ValueError(f"expected a finite number for damp, got {self.damp!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"expected algorithm in {ALGORITHMS}, got {self.algorithm!r}")
         if not self.damp > 0:
@@ -84,3 +92,13 @@ class QuantConfig(MethodConfig):
             raise ValueError(f"expected group_size >= 1, got {self.group_size}")
         if self.mpo_cores not in MPO_CORE_CHOICES:
             raise ValueError(f"expected mpo_cores in {MPO_CORE_CHOICES}, got {self.mpo_cores!r}")
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    """GPTQ on calibration text, columns by input energy, searched group ranges (the measured best)."""
+
+    method: ClassVar[str] = "gptq"
+    algorithm: str = "gptq"
+    act_order: bool = True
+    clip_search: bool = True

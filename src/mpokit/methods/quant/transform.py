@@ -19,10 +19,10 @@ from mpokit.calibration.blocks import stream_blocks
 from mpokit.calibration.stats import collect_input_stats, resolve_calibration
 from mpokit.ops.gptq import gptq_quantize, output_error
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
-from mpokit.surgery.replace import get_module, set_module
+from mpokit.surgery.replace import get_module, set_module, shared_outside
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["quant_compress", "quantize_module", "gptq_module", "fitted_group"]
+__all__ = ["quant_compress_", "quantize_module", "gptq_module", "fitted_group", "check_unshared"]
 
 STACK_TOKENS = 1024  # calibration windows are run through the blocks in batches of about this many tokens
 
@@ -152,10 +152,24 @@ def _gptq_compress(model, names, config, recorder, batches, progress) -> None:
         quantize_block(-1, outside, collect_input_stats(model, outside, batches, progress=progress))
 
 
+def check_unshared(model: nn.Module, names: list[str]) -> None:
+    """Refuse targets whose weights other layers share (tied lm_head/embed_tokens, MPO cores with
+    `tied_to` or shared across layers): a quantized copy would untie them, store the matrix twice
+    and make the size report false."""
+    shared = shared_outside(model, names)
+    if shared:
+        pairs = "; ".join(f"{n} with {', '.join(o)}" for n, o in list(shared.items())[:3])
+        raise ValueError(f"expected targets whose weights no other layer shares, got {pairs}: quantizing "
+                         f"{'them' if len(shared) > 1 else 'it'} would untie the shared weight and store it twice. "
+                         f"Leave {'them' if len(shared) > 1 else 'it'} out (exclude_modules / --exclude "
+                         f"{','.join(shared)}), or use an MPO method (mpo-datafree) that keeps ties")
+
+
 @register(QuantConfig)
-def quant_compress(model: nn.Module, config: QuantConfig, tokenizer=None, calibration_text: str | None = None,
+def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calibration_text: str | None = None,
                    batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
     names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
+    check_unshared(model, names)
     recorder = _Recorder(model, config)
     if config.algorithm == "gptq":
         batches = _calibration(config, tokenizer, calibration_text, batches)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,6 +35,16 @@ class ShareConfig(MethodConfig):
     forward_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("groups", "sweeps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"expected an integer {name}, got {value!r}")
+        if self.max_bond is not None and (isinstance(self.max_bond, bool)
+                                          or not isinstance(self.max_bond, numbers.Integral)):
+            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real)
+                                        or not math.isfinite(self.budget)):
+            raise ValueError(f"expected a finite number or None for budget, got {self.budget!r}")
         if self.groups < 0:
             raise ValueError(f"expected groups >= 0 (0 = all layers), got {self.groups}")
         if self.max_bond is not None and self.budget is not None:

@@ -10,12 +10,13 @@ from tqdm.auto import tqdm
 from mpokit.layers.mpo import MPOLinear, make_layout
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.share.config import ShareConfig
+from mpokit.ops.budget import Candidate, best_within
 from mpokit.ops.shared_tt import fit_shared_central, shared_params
 from mpokit.ops.tt import pad_matrix
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["share_compress", "weight_types", "plan_bond"]
+__all__ = ["share_compress_", "weight_types", "plan_bond"]
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -38,24 +39,23 @@ def _groups(members: list, size: int) -> list[list]:
 
 
 def plan_bond(out_dims, in_dims, group_lengths: list[int], max_params: int) -> int:
-    """Largest r (r1 = min(r, n1), r2 = min(r, n3)) whose total over the groups fits max_params."""
+    """Largest r (r1 = min(r, n1), r2 = min(r, n3)) whose total over the groups fits max_params.
+
+    The bonds are budget candidates (ops.budget) for one weight type; with no error estimate
+    before the fit, a larger bond counts as better (error = the bond units given up).
+    """
     n1, n3 = out_dims[0] * in_dims[0], out_dims[2] * in_dims[2]
-
-    def total(r: int) -> int:
-        return sum(shared_params(out_dims, in_dims, min(r, n1), min(r, n3), g) for g in group_lengths)
-
-    if total(1) > max_params:
-        raise ValueError(f"expected a budget of at least {total(1)} parameters for {out_dims}x{in_dims}, "
+    top = max(n1, n3)
+    ladder = [Candidate(sum(shared_params(out_dims, in_dims, min(r, n1), min(r, n3), g) for g in group_lengths),
+                        float(top - r), r) for r in range(1, top + 1)]
+    if ladder[0].cost > max_params:
+        raise ValueError(f"expected a budget of at least {ladder[0].cost} parameters for {out_dims}x{in_dims}, "
                          f"got {max_params}")
-    lo, hi = 1, max(n1, n3)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if total(mid) <= max_params else (lo, mid - 1)
-    return lo
+    return best_within(ladder, max_params).choice
 
 
 @register(ShareConfig)
-def share_compress(model: nn.Module, config: ShareConfig, progress: bool = True) -> Report:
+def share_compress_(model: nn.Module, config: ShareConfig, progress: bool = True) -> Report:
     names = find_targets(model, config.target_modules, config.exclude_modules)
     embeddings = [n for n in names if isinstance(get_module(model, n), nn.Embedding)]
     if embeddings:
