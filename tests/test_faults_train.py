@@ -200,7 +200,8 @@ def test_sigkill_during_finetune_then_resume(tmp_path, capsys):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "model").exists()
+    if (out / "model").exists():  # on an idle machine the kill may land after training, in the final save
+        _saved_weights(out / "model")  # then what is there is whole (atomic save), or loading raises
 
     # resume (in this process: one interpreter start less) and an uninterrupted reference run
     assert main([*_finetune_argv(tmp_path, out), "--resume", "--json", str(tmp_path / "resumed.json")]) == 0, seed

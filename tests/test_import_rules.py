@@ -101,6 +101,8 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+@pytest.mark.xfail(strict=True, reason="issue 11 open: calibration->eval, eval->io, io->methods, methods->train "
+                   "remain; strict, so removing them without removing this marker turns the suite red")
 def test_layering_holds():
     broken = violations()
     assert not broken, "imports against the layering:\n" + "\n".join(broken)

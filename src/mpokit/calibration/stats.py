@@ -45,9 +45,13 @@ class InputStats:
 
 def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int = 512) -> list[torch.Tensor]:
     """Non-overlapping windows (1, context) covering the first `tokens` tokens of text."""
+    return _windows(_prefix_ids(tokenizer, text, tokens), context)
+
+
+def _prefix_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
     from mpokit.eval.perplexity import tokenize_prefix
 
-    return _windows(tokenize_prefix(tokenizer, text, tokens), context)
+    return tokenize_prefix(tokenizer, text, tokens)
 
 
 def _windows(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
@@ -74,9 +78,7 @@ def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str
         from mpokit.eval.perplexity import load_corpus
 
         text = load_corpus().text
-    from mpokit.eval.perplexity import tokenize_prefix
-
-    ids = tokenize_prefix(tokenizer, text, tokens)
+    ids = _prefix_ids(tokenizer, text, tokens)
     have, need = ids.numel(), max(2, min(tokens, context))
     if have < need:
         raise ValueError(f"expected a calibration text of at least {need} tokens (one calibration window: "
