@@ -31,7 +31,7 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 def ffn_inputs(model, tokenizer, text: str, tokens: int, context: int) -> list[torch.Tensor]:
     """Each FFN's input (T, d) for the first perplexity batch (4 windows)."""
-    from mpokit.eval.perplexity import tokenize_prefix
+    from mpokit.data.corpus import tokenize_prefix
 
     ids = tokenize_prefix(tokenizer, text, min(tokens, 4 * context))
     windows = torch.stack([ids[i:i + context] for i in range(0, ids.numel() - context + 1, context)])  # (B, L)

@@ -65,7 +65,7 @@ def main() -> int:
     from mpokit import compress_
     from mpokit.eval.table import print_table
     from mpokit.eval import count_params, perplexity
-    from mpokit.eval.perplexity import tokenize_prefix
+    from mpokit.data.corpus import tokenize_prefix
     from mpokit.io.models import load_model
     from mpokit.methods.mpoe import MPOEConfig
 

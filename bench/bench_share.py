@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 def recover(model, tokenizer, text: str, steps: int, lr: float, context: int) -> list[float]:
     """A few plain Adam steps of causal-LM loss on consecutive windows of text; returns the losses."""
-    from mpokit.eval.perplexity import tokenize_prefix
+    from mpokit.data.corpus import tokenize_prefix
 
     ids = tokenize_prefix(tokenizer, text, steps * context + 1)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -174,7 +174,7 @@ def test_lm_eval_adapter_scores_like_the_model():
     from lm_eval.api.instance import Instance
 
     from mpokit import compress_
-    from mpokit.eval.lm_eval_adapter import mpokit_lm
+    from mpokit.integrations.lm_eval_adapter import mpokit_lm
     from mpokit.methods import QuantConfig
 
     tok = word_tokenizer()
@@ -191,7 +191,7 @@ def test_lm_eval_adapter_scores_like_the_model():
 
 
 def test_lm_eval_adapter_says_how_to_install(monkeypatch):
-    from mpokit.eval import lm_eval_adapter
+    from mpokit.integrations import lm_eval_adapter
 
     monkeypatch.setattr(lm_eval_adapter, "is_lm_eval_available", lambda: False)
     with pytest.raises(ImportError, match="pip install lm-eval"):

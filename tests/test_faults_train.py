@@ -215,3 +215,18 @@ def test_sigkill_during_finetune_then_resume(tmp_path, capsys):
     _assert_same(_saved_weights(Path(resumed["saved"])), _saved_weights(Path(ref["saved"])))
     assert resumed["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4)
     assert len(trainer_checkpoints(out / "trainer")) <= 3  # --save-total-limit default
+
+
+def test_resume_of_a_finished_run_takes_no_extra_step(tmp_path, capsys):
+    """Trainer resumed at its final checkpoint takes one step past max_steps; fit loads it instead."""
+    from mpokit.cli.main import main
+
+    model_folder(tmp_path / "hf")
+    (tmp_path / "text.txt").write_text(words_text(400))
+    out = tmp_path / "run"
+    assert main([*_finetune_argv(tmp_path, out), "--json", str(tmp_path / "first.json")]) == 0
+    first = _saved_weights(out / "model")
+    assert main([*_finetune_argv(tmp_path, out), "--resume", "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["global_step"] == MAX_STEPS and again["resumed_from"] is not None
+    _assert_same(_saved_weights(out / "model"), first)

@@ -49,7 +49,7 @@ def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int 
 
 
 def _prefix_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
-    from mpokit.eval.perplexity import tokenize_prefix
+    from mpokit.data.corpus import tokenize_prefix
 
     return tokenize_prefix(tokenizer, text, tokens)
 
@@ -75,7 +75,7 @@ def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str
         raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
                          f"for {purpose}, got neither")
     if text is None:
-        from mpokit.eval.perplexity import load_corpus
+        from mpokit.data.corpus import load_corpus
 
         text = load_corpus().text
     ids = _prefix_ids(tokenizer, text, tokens)

@@ -46,7 +46,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from mpokit.eval.perplexity import load_corpus
+    from mpokit.data.corpus import load_corpus
     from mpokit.io.checkpoint import check_save_path, save_compressed
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_

@@ -32,7 +32,6 @@ from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear
 from mpokit.layers.quant import QuantLinear
 from mpokit.layers.quant_mpo import QuantMPOLinear
-from mpokit.methods.base import applied_methods
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
 
@@ -110,7 +109,7 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
     tensors, aliases = _dedup_state(model)
     meta = {
         "mpokit_version": __version__, "format_version": FORMAT_VERSION, "architecture": type(model).__name__,
-        "dtype": dtype, "methods": applied_methods(model), "layers": _layer_specs(model), "aliases": aliases,
+        "dtype": dtype, "methods": getattr(model, "_mpokit_methods", []), "layers": _layer_specs(model), "aliases": aliases,
         **(extra or {}),
     }
     with atomic_dir(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint") as tmp:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,7 +72,7 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
     """
     from transformers import TrainingArguments
 
-    from mpokit.train.checkpoints import manifest_callback, pick_resume
+    from mpokit.train.checkpoints import _global_step, manifest_callback, pick_resume
     from mpokit.train.params import count_trainable
 
     if max_steps < 1:
@@ -104,6 +105,15 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
     )
     trainer = _trainer_cls()(model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
                                  callbacks=callbacks)
+    if resume and _global_step(Path(resume)) >= max_steps:
+        # A finished run: Trainer would take one step past max_steps; load its weights instead.
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        return FitResult(state.global_step, losses[-1] if losses else float("nan"), losses, count_trainable(model),
+                         0.0, False, resume)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0

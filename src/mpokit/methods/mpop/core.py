@@ -12,7 +12,7 @@ from torch import nn
 
 from mpokit.layers.mpo import MPOLinear
 from mpokit.ops.tt import tt_svd, tt_to_matrix
-from mpokit.train.params import train_only_
+from mpokit.surgery.params import train_only_
 
 __all__ = ["mpo_linears", "decompose_", "auxiliary_parameters", "central_parameters", "mpop_", "squeeze_layer_",
            "squeeze_schedule", "dimension_squeeze_"]

@@ -3,7 +3,7 @@
 mpokit models stay transformers models whose layers were swapped, so the harness's HFLM
 wrapper runs them once it is handed the loaded model instead of a hub name:
 
-    from mpokit.eval.lm_eval_adapter import run_lm_eval
+    from mpokit.integrations.lm_eval_adapter import run_lm_eval
     run_lm_eval("out/smollm2-int4", tasks=["arc_easy"], limit=100)
 
 `register_mpokit_model()` also makes `lm_eval --model mpokit --model_args path=out/smollm2-int4`
