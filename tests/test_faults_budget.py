@@ -5,6 +5,7 @@ dense layer, else it stays dense. Budget 0.5 is the negative control.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
@@ -62,3 +63,14 @@ def test_budget_half_is_lossy_negative_control():
     assert sum(r.rel_error for r in report.layers) / len(report.layers) > 0.1
     assert report.kept_fraction <= 0.5
     assert not torch.allclose(logits(model, ids), reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [{"max_bond": 0}, {"max_bond": -3}, {"cutoff": float("nan")}, {"cutoff": -0.1}])
+def test_tt_svd_rejects_bad_truncation(kwargs):
+    """Issue 15 item 13 at the ops level: max_bond 0 used to become rank 1, a NaN cutoff lossless."""
+    import torch
+
+    from mpokit.ops.tt import tt_svd
+
+    with pytest.raises(ValueError, match="expected"):
+        tt_svd(torch.randn(8, 8), [2, 4], [4, 2], **kwargs)

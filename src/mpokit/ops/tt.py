@@ -121,6 +121,11 @@ def tt_svd(
     caps = max_bond if isinstance(max_bond, list) else [max_bond] * (n - 1)
     if len(caps) != n - 1:
         raise ValueError(f"expected {n - 1} bond caps, got {len(caps)}")
+    bad_cap = next((c for c in caps if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1)), None)
+    if bad_cap is not None:
+        raise ValueError(f"expected bond caps >= 1 (or None), got {bad_cap!r}")
+    if cutoff is not None and not (math.isfinite(cutoff) and cutoff >= 0):
+        raise ValueError(f"expected a finite cutoff >= 0, got {cutoff!r}")
     w = matrix.detach().to(compute_dtype)
     norm = torch.linalg.matrix_norm(w).item()
     if delta is None and cutoff is not None:
