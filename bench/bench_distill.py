@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
+    from mpokit import FullConfig, KDConfig, OPDFConfig
     from mpokit.train.recipes import FinetuneOptions, finetune
 
     data = str(shared_data_dir() / "sst2")
@@ -76,9 +77,11 @@ def main(argv=None) -> int:
         student_dir = tmp / "student"
         make_student(student_dir, args.student_layers)
         for role, method in (("student no-KD", "full"), ("student KD", "kd"), ("student OPDF", "opdf")):
-            extra = {} if method == "full" else dict(teacher=teacher["saved"], alpha=args.alpha, beta=args.beta)
-            r = finetune(FinetuneOptions(model=str(student_dir), method=method, max_steps=args.steps,
-                                         out=str(tmp / method), opf_count=args.opf_count, **common, **extra))
+            config = {"full": FullConfig(), "kd": KDConfig(teacher=teacher["saved"], alpha=args.alpha),
+                      "opdf": OPDFConfig(teacher=teacher["saved"], alpha=args.alpha, beta=args.beta,
+                                         count=args.opf_count)}[method]
+            r = finetune(FinetuneOptions(model=str(student_dir), method=config, max_steps=args.steps,
+                                         out=str(tmp / method), **common))
             rows.append({**r, "role": role, "layers": args.student_layers})
             print_table(rows, cols, title=f"SST-2 dev (first {args.eval_limit} rows): distillation, "
                                           f"{args.steps} student steps x {args.batch_size}")

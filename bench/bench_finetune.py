@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
+    from mpokit.methods.presets import build_config
     from mpokit.train.recipes import FinetuneOptions, finetune
 
     data = shared_data_dir() / "sst2"
@@ -48,11 +49,12 @@ def main(argv=None) -> int:
                                               "lr", "lr_pe", "opf_count")}
     for method in args.methods.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            r = finetune(FinetuneOptions(model="minilm", method=method, task="sst2", data=str(data), out=tmp,
+            config = build_config(method, "finetune", **({"count": args.opf_count} if method in ("opf", "opdf") else {}))
+            r = finetune(FinetuneOptions(model="minilm", method=config, task="sst2", data=str(data), out=tmp,
                                          max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                          train_limit=args.train_limit, eval_limit=args.eval_limit,
                                          lr=args.lr_pe if method in ("mpop", "lora") else args.lr,
-                                         warmup_steps=max(1, args.max_steps // 10), opf_count=args.opf_count))
+                                         warmup_steps=max(1, args.max_steps // 10)))
         r.pop("saved", None)
         r["trainable_frac"] = r["trainable_params"] / r["params"]
         rows.append(r)

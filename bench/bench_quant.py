@@ -128,13 +128,11 @@ def quantize_torchao(model, names, bits: int, group: int) -> str:
 def mpokit_config(peer: str, bits: int, group: int, **kw):
     """mpokit: RTN with integer zero points; gptq: the same grid, GPTQ on calibration text; the
     ablations swap in a float offset (the group minimum, as quanto stores) or the MSE clip search."""
-    from mpokit.methods import QuantConfig
+    from mpokit.methods import GPTQConfig, QuantConfig
 
-    from mpokit.methods.presets import PRESETS
-
-    gptq = PRESETS["gptq"][1]  # what `mpokit compress --method gptq` runs
-    extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True},
-             "gptq": gptq, "gptq-minmax": {**gptq, "clip_search": False}}.get(peer, {})
+    if peer in ("gptq", "gptq-minmax"):  # what `mpokit compress --method gptq` runs (minmax: no range search)
+        return GPTQConfig(bits=bits, group_size=group, **({"clip_search": False} if peer == "gptq-minmax" else {}), **kw)
+    extra = {"mpokit-float": {"zero_point": False}, "mpokit-clip": {"clip_search": True}}.get(peer, {})
     return QuantConfig(bits=bits, group_size=group, **extra, **kw)
 
 
@@ -201,7 +199,7 @@ def part_weights(args) -> dict:
 
 def part_kv(args) -> dict:
     from mpokit import load_model
-    from mpokit.layers.kv_cache import KV_PRESETS, KVCacheFactory
+    from mpokit.methods.kv_cache import KV_PRESETS, KVCacheFactory
 
     loaded = load_model(None)
     model, tok = loaded.model, loaded.tokenizer
@@ -223,8 +221,7 @@ def part_kv(args) -> dict:
             factory = KVCacheFactory(kind, model.config, bits=bits, residual_length=args.residual)
             t = time.perf_counter()
             ppl = _ppl(model, tok, args, chunk=args.chunk, cache_factory=factory)
-            residual = args.residual if args.residual is not None else KV_PRESETS.get(kind, {}).get("residual_length", 16)
-            row = {"kind": kind, "bits": bits, "residual": residual, "perplexity": ppl, "ppl_ratio": ppl / base,
+            row = {"kind": kind, "bits": bits, "residual": factory.method.residual_length, "perplexity": ppl, "ppl_ratio": ppl / base,
                    "kv_bytes_ratio": factory.bytes_ratio(), "seconds": time.perf_counter() - t}
             out["runs"].append(row)
             print(json.dumps(row), flush=True)

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
     from mpokit.train.data import shared_data_dir
+    from mpokit.methods.presets import build_config
     from mpokit.train.recipes import FinetuneOptions, finetune
 
     wt = shared_data_dir() / "wikitext-2"
@@ -76,11 +77,12 @@ def main(argv=None) -> int:
     for recipe in args.recipes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
+            method = build_config(recipe, "finetune", **({"rank": 16} if recipe == "lora" else {}))
             r = finetune(FinetuneOptions(
-                model=str(ckpt), method=recipe, task="lm", data=str(wt / "valid.txt"), eval_data=str(wt / "test.txt"),
+                model=str(ckpt), method=method, task="lm", data=str(wt / "valid.txt"), eval_data=str(wt / "test.txt"),
                 out=tmp, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                 seq_len=args.seq_len, lr=args.lr or LR[recipe], scheduler="cosine", warmup_steps=args.warmup_steps,
-                eval_tokens=args.tokens, context=args.context, max_minutes=args.minutes, lora_rank=16))
+                eval_tokens=args.tokens, context=args.context, max_minutes=args.minutes))
             r["wall_seconds"] = time.perf_counter() - t0
         r.pop("saved", None)
         r.update(recipe=recipe, ratio_to_dense=r["perplexity"] / dense, train_minutes=r["train_seconds"] / 60,

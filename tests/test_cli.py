@@ -138,3 +138,38 @@ def test_option_not_applying_to_method_is_an_error(workdir, tmp_path, capsys):
         main(["compress", "--model", str(workdir / "hf"), "--method", "svd", "--max-bond", "4",
               "--out", str(tmp_path / "x")])
     assert "do not apply" in capsys.readouterr().err
+
+
+def test_a_new_compression_method_needs_only_its_config(workdir):
+    """A method defined outside mpokit (here: in this test) with one registration is offered by
+    `mpokit compress` with its own flag, applied, recorded in the checkpoint and loaded back."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mpokit.methods.base import METHODS, REGISTRY, MethodConfig, Report, option, register
+
+    @dataclass
+    class ScaleHeadConfig(MethodConfig):
+        method: ClassVar[str] = "scale-head-test"
+        factor: float = option(1.0, "multiply the LM head by this", type=float)
+
+    @register(ScaleHeadConfig)
+    def scale_head_(model, config, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            model.lm_head.weight.mul_(config.factor)
+        return Report(config.method)
+
+    try:
+        out = workdir / "scaled"
+        assert main(["compress", "--model", str(workdir / "hf"), "--method", "scale-head-test", "--factor", "0",
+                     "--out", str(out)]) == 0
+        from mpokit.io.checkpoint import load_compressed
+
+        model = load_compressed(out)
+        assert model._mpokit_methods[-1]["method"] == "scale-head-test"
+        assert float(model.lm_head.weight.detach().abs().max()) == 0.0
+    finally:
+        METHODS.pop("scale-head-test", None)
+        REGISTRY.pop(ScaleHeadConfig, None)

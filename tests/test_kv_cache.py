@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_llama
 from mpokit.eval.perplexity import perplexity
-from mpokit.layers.kv_cache import (DecoQuantCache, KVCacheFactory, KVQuantLayer, RTNKVCache, kv_cache_bytes,
-                                    make_kv_cache, orthonormal_mixer)
+from mpokit.layers.kv_cache import DecoQuantCache, KVQuantLayer, RTNKVCache, kv_cache_bytes, orthonormal_mixer
+from mpokit.methods.kv_cache import KVCacheFactory, make_kv_cache
 from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
 from mpokit.ops.quant import sqnr_db
 
@@ -224,10 +224,16 @@ def test_quanto_backend_bytes():
 
 
 def test_cli_lists_every_cache_kind():
-    from mpokit.cli.evaluate import CLI_KV_KINDS
-    from mpokit.layers.kv_cache import KV_CACHE_KINDS
+    import argparse
 
-    assert tuple(CLI_KV_KINDS) == tuple(KV_CACHE_KINDS)
+    from mpokit.cli.evaluate import add_arguments
+    from mpokit.methods.base import method_names
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    kinds = next(a for a in parser._actions if a.dest == "kv_cache").choices
+    assert sorted(kinds) == method_names("kv-cache") == sorted(["decoquant", "rtn", "decoquant-kc", "rtn-kc",
+                                                                "decoquant-kcr", "rtn-kcr", "quanto"])
 
 
 def test_bad_settings():

@@ -21,7 +21,7 @@ def _compressed_llama():
 def _peft(model, rank=4):
     from peft import LoraConfig, get_peft_model
 
-    from mpokit.train.lora_mpo import lora_config_for_mpo, mpo_lora_targets
+    from mpokit.methods.lora.mpo_adapter import lora_config_for_mpo, mpo_lora_targets
 
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=mpo_lora_targets(model), lora_dropout=0.0)
     return get_peft_model(model, lora_config_for_mpo(cfg))
@@ -29,7 +29,7 @@ def _peft(model, rank=4):
 
 def test_tt_add_is_the_sum():
     from mpokit.ops.tt import tt_svd, tt_to_matrix
-    from mpokit.train.lora_mpo import tt_add
+    from mpokit.methods.lora.mpo_adapter import tt_add
 
     a, b = torch.randn(12, 20, dtype=torch.float64), torch.randn(12, 20, dtype=torch.float64)
     ca, _ = tt_svd(a, [3, 4], [4, 5])
@@ -43,7 +43,7 @@ def test_tt_add_is_the_sum():
 def test_plain_peft_cannot_wrap_mpo_layers():  # negative control: why the custom module exists
     from peft import LoraConfig, get_peft_model
 
-    from mpokit.train.lora_mpo import mpo_lora_targets
+    from mpokit.methods.lora.mpo_adapter import mpo_lora_targets
 
     model = _compressed_llama()
     with pytest.raises(ValueError):

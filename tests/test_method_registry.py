@@ -52,10 +52,10 @@ def test_unknown_and_wrong_kind_are_clear_errors(llama):
         get_method("nope")
     with pytest.raises(ValueError, match="do not apply"):
         build_config("svd", bits=4)
-    finetune_names = method_names("finetune")
-    if finetune_names:
-        with pytest.raises(TypeError, match="expected a compression config"):
-            mpokit.compress_(llama, METHODS[finetune_names[0]]())
+    with pytest.raises(TypeError, match="expected a compression config"):
+        mpokit.compress_(llama, mpokit.FullConfig())
+    with pytest.raises(TypeError, match="make_kv_cache"):
+        mpokit.compress_(llama, mpokit.RTNKVConfig())
 
 
 def test_public_api_in_one_place():
@@ -63,3 +63,61 @@ def test_public_api_in_one_place():
             c.__name__ for c in METHODS.values())]:
         assert hasattr(mpokit, name), name
     assert set(mpokit.__all__) >= {"compress_", "unload_", "save_compressed", "load_compressed", "AwareConfig"}
+
+
+def test_every_kind_has_its_methods():
+    assert method_names("finetune") == ["full", "kd", "lora", "mpop", "opdf", "opf", "recover"]
+    assert method_names("kv-cache") == ["decoquant", "decoquant-kc", "decoquant-kcr", "quanto", "rtn", "rtn-kc",
+                                        "rtn-kcr"]
+    for kind in ("compress", "finetune", "kv-cache"):
+        for name in method_names(kind):
+            options = {"teacher": "t"} if name in ("kd", "opdf") else {}
+            assert build_config(name, kind, **options).method == name
+
+
+def test_kv_presets_are_the_old_settings():
+    """The KV presets that were dicts of DecoQuantCache arguments are now configs with those defaults."""
+    old = {
+        "decoquant": {"small_dim": 16, "residual_length": 16},
+        "rtn": {"small_dim": None, "residual_length": 16},
+        "decoquant-kc": {"small_dim": 16, "key_group": 64, "sink_length": 4, "residual_length": 0},
+        "rtn-kc": {"small_dim": None, "key_group": 64, "sink_length": 4, "residual_length": 0},
+        "decoquant-kcr": {"small_dim": 16, "key_group": 64, "sink_length": 4, "residual_length": 0, "rotate": True},
+        "rtn-kcr": {"small_dim": None, "key_group": 64, "sink_length": 4, "residual_length": 0, "rotate": True},
+    }
+    base = {"key_group": None, "sink_length": 0, "rotate": False, "token_group": None, "bits": 4}
+    for name, settings in old.items():
+        config = dataclasses.asdict(build_config(name, "kv-cache"))
+        want = {**base, **settings}
+        assert {k: config[k] for k in want} == want, name
+
+
+def test_finetune_options_refer_to_their_method(tmp_path):
+    from mpokit.train.recipes import FinetuneOptions
+
+    common = dict(model=None, task="lm", data="x", max_steps=1, out=str(tmp_path))
+    assert isinstance(FinetuneOptions(method="mpop", **common).method, mpokit.MPOPConfig)
+    with pytest.raises(ValueError, match="expected --teacher for --method opdf"):
+        FinetuneOptions(method="opdf", **common)
+    with pytest.raises(ValueError, match="unknown method 'quant'"):
+        FinetuneOptions(method="quant", **common)  # a compression method is not a fine-tuning one
+    with pytest.raises(ValueError, match="--opf-count do not apply to --method mpop"):
+        build_config("mpop", "finetune", count=2)
+
+
+def test_flags_come_from_the_configs():
+    """Each method's options are declared on its config; the CLI offers them with the same names as before."""
+    import argparse
+
+    from mpokit.cli import compress, evaluate, finetune
+
+    def flags(module):
+        p = argparse.ArgumentParser()
+        module.add_arguments(p)
+        return {s for a in p._actions for s in a.option_strings}
+
+    assert flags(compress) >= {"--budget", "--max-bond", "--cutoff", "--num-cores", "--calibration-tokens", "--bits",
+                               "--group-size", "--experts", "--top-k", "--shared-experts", "--refit", "--groups"}
+    assert flags(finetune) >= {"--num-cores", "--squeeze-bond", "--squeeze-steps", "--select", "--opf-count",
+                               "--opf-extra", "--teacher", "--alpha", "--beta", "--lora-rank", "--lora-targets"}
+    assert flags(evaluate) >= {"--kv-bits", "--kv-residual"}

@@ -59,7 +59,7 @@ def test_rotated_values_beat_plain_rtn_at_2_bits_on_the_real_model(smollm2):
     """The -kcr presets exist because rotation measurably helps real 2-bit caches (bench: 1.21x -> 1.14x)."""
     if not TEST_TEXT.is_file():
         pytest.skip(f"missing evaluation text {TEST_TEXT}")
-    from mpokit.layers.kv_cache import KVCacheFactory
+    from mpokit.methods.kv_cache import KVCacheFactory
 
     model, tok = smollm2
     text = TEST_TEXT.read_text()

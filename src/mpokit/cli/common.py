@@ -10,9 +10,12 @@ from typing import Any, Callable
 
 from mpokit.eval.table import fmt, print_table
 from mpokit.io.atomic import write_json
+from mpokit.methods.checks import (fraction, int_at_least, nonnegative_float, nonnegative_int, positive_float,
+                                   positive_int)
 
 __all__ = ["print_table", "emit_json", "fmt", "fail", "UserError", "positive_int", "nonnegative_int", "int_at_least",
-           "positive_float", "nonnegative_float", "fraction", "regex", "module_names"]
+           "positive_float", "nonnegative_float", "fraction", "regex", "module_names", "add_method_flags",
+           "method_flag_values"]
 
 
 class UserError(ValueError):
@@ -22,58 +25,6 @@ class UserError(ValueError):
     library's validation errors (ValueError: "expected X, got Y"), missing files and folders, and
     invalid regular expressions. Anything else is an internal error.
     """
-
-
-# argparse `type=` functions: a bad value is a usage error (one line, exit 2) before anything loads.
-
-def _number(kind: Callable, text: str, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An integer >= low."""
-    what = f"an integer >= {low}"
-
-    def parse(text: str) -> int:
-        value = _number(int, text, what)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"  # argparse names the type in some messages
-    return parse
-
-
-positive_int = int_at_least(1)
-nonnegative_int = int_at_least(0)
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text, "a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(float, text, "a finite number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number in [0, 1]."""
-    value = _number(float, text, "a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def regex(text: str) -> str:
@@ -110,3 +61,50 @@ def fail(message: str, code: int = 2) -> None:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
+
+
+def _default_text(defaults: dict[str, Any]) -> str:
+    values = {repr(v) if isinstance(v, str) else str(v) for v in defaults.values()}
+    if len(values) == 1:
+        return f"default {values.pop()}"
+    if len(defaults) <= 3:
+        return "default " + ", ".join(f"{k} {v}" for k, v in defaults.items())
+    return "default per method"
+
+
+def flag_name(field_name: str, meta: dict[str, Any]) -> str:
+    return meta["flag"] or "--" + field_name.replace("_", "-")
+
+
+def add_method_flags(parser, kind: str) -> list[str]:
+    """One flag per config field declared with methods.base.option() in the methods of `kind`; returns the dests."""
+    import mpokit.methods  # noqa: F401  (registers every method)
+    from mpokit.methods.base import cli_options
+
+    dests = []
+    for name, meta in cli_options(kind).items():
+        flag = flag_name(name, meta)
+        methods = ", ".join(meta["defaults"])
+        unset = all(v is None for v in meta["defaults"].values())
+        help_text = f"{meta['help']} [{methods}{'' if unset else '; ' + _default_text(meta['defaults'])}]"
+        if all(isinstance(v, bool) for v in meta["defaults"].values()):
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=meta["type"] or str, choices=meta["choices"], default=None,
+                                help=help_text)
+        dests.append(name)
+    return dests
+
+
+def method_flag_values(args, kind: str) -> dict[str, Any]:
+    """The method flags given on the command line (unset ones left out)."""
+    from mpokit.methods.base import cli_options
+
+    return {k: getattr(args, k) for k in cli_options(kind) if getattr(args, k, None) is not None}
+
+
+def method_flags_given(args, kind: str) -> list[str]:
+    """The method flags given on the command line, as typed (e.g. --kv-residual)."""
+    from mpokit.methods.base import cli_options
+
+    return [flag_name(k, m) for k, m in cli_options(kind).items() if getattr(args, k, None) is not None]

@@ -1,10 +1,9 @@
 """mpokit eval: perplexity (and sizes) of a model or checkpoint."""
 from __future__ import annotations
 
-from mpokit.cli.common import UserError, emit_json, int_at_least, nonnegative_int, positive_int, print_table
+from mpokit.cli.common import (UserError, add_method_flags, emit_json, int_at_least, method_flag_values, method_flags_given,
+                               positive_int, print_table)
 
-# layers.kv_cache.KV_CACHE_KINDS, spelled out so that parsing arguments does not import transformers
-CLI_KV_KINDS = ("decoquant", "rtn", "decoquant-kc", "rtn-kc", "decoquant-kcr", "rtn-kcr", "quanto")
 DEFAULT_CHUNK = 64  # --chunk with --kv-cache
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
 
@@ -17,13 +16,13 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int_at_least(2), default=512,
                    help="window length (default 512; at most the model's positions)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--kv-cache", default=None, choices=CLI_KV_KINDS,
+    from mpokit.methods.base import method_names
+
+    p.add_argument("--kv-cache", default=None, choices=method_names("kv-cache"),
                    help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces); "
                         "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits); "
                         "-kcr: also Hadamard-rotated values (best at 2 bits)")
-    p.add_argument("--kv-bits", type=positive_int, default=4, help="KV cache bits (default 4; quanto: 2 or 4)")
-    p.add_argument("--kv-residual", type=nonnegative_int, default=None,
-                   help="newest tokens kept in 16 bits (default 16; 0 for the -kc caches)")
+    add_method_flags(p, "kv-cache")  # each cache's own options, declared on its config
     p.add_argument("--chunk", type=positive_int, default=None,
                    help=f"feed each window in pieces of this many tokens through the cache (default {DEFAULT_CHUNK} "
                         f"with --kv-cache; must be below the window length so that later pieces read the cache)")
@@ -35,8 +34,9 @@ def add_arguments(p) -> None:
 def check_kv_options(args) -> int | None:
     """The chunk length to use; with --kv-cache a window must span more than one chunk, or the cache is never read."""
     if not args.kv_cache:
-        if args.kv_residual is not None:
-            raise UserError("expected --kv-residual only with --kv-cache, got it without")
+        given = method_flags_given(args, "kv-cache")
+        if given:
+            raise UserError(f"expected {', '.join(given)} only with --kv-cache, got it without")
         return args.chunk
     chunk = DEFAULT_CHUNK if args.chunk is None else args.chunk
     window = min(args.context, args.tokens)
@@ -53,15 +53,19 @@ def run(args) -> int:
     from mpokit.io.models import load_model
 
     chunk = check_kv_options(args)  # flags first, then files, then the model
+    kv = None
+    if args.kv_cache:
+        from mpokit.methods.presets import build_config
+
+        kv = build_config(args.kv_cache, kind="kv-cache", **method_flag_values(args, "kv-cache"))
     corpus = load_corpus(args.text, args.dataset)  # fail on a bad path before loading the model
     loaded = load_model(args.model)
     check_positions(loaded.model, min(args.context, args.tokens), "--context")
     factory = None
     if args.kv_cache:
-        from mpokit.layers.kv_cache import KVCacheFactory
+        from mpokit.methods.kv_cache import KVCacheFactory
 
-        factory = KVCacheFactory(args.kv_cache, loaded.model.config, bits=args.kv_bits,
-                                 residual_length=args.kv_residual)
+        factory = KVCacheFactory(kv, loaded.model.config)
     res = perplexity(loaded.model, loaded.tokenizer, corpus.text, tokens=args.tokens, context=args.context,
                      batch_size=args.batch_size, corpus_name=corpus.name, cache_factory=factory, chunk=chunk)
     if factory is not None and res.cache_reads == 0:
@@ -71,11 +75,7 @@ def run(args) -> int:
            "bytes": param_bytes(loaded.model), "chunk": chunk}
     columns = ["model", "corpus", "tokens", "context", "perplexity", "params", "bytes", "seconds"]
     if factory is not None:
-        from mpokit.layers.kv_cache import KV_PRESETS
-
-        residual = args.kv_residual if args.kv_residual is not None else \
-            KV_PRESETS.get(args.kv_cache, {}).get("residual_length", 16)
-        out.update(kv_cache=args.kv_cache, kv_bits=args.kv_bits, kv_residual=residual,
+        out.update(kv_cache=kv.method, kv_bits=kv.bits, kv_residual=kv.residual_length, kv_config=kv.to_dict(),
                    kv_bytes_ratio=factory.bytes_ratio(),
                    kv_eval=f"each window fed in chunks of {chunk} tokens through one cache: later chunks attend "
                            f"to the quantized states of earlier ones ({res.cache_reads} of {res.chunks} chunks "

@@ -1,17 +1,18 @@
 """mpokit finetune: adapt a model (MPOP, recovery, OPF, OPDF, LoRA, full) with Hugging Face Trainer."""
 from __future__ import annotations
 
-from mpokit.cli.common import (emit_json, fraction, int_at_least, module_names, nonnegative_float, nonnegative_int,
-                               positive_float, positive_int, print_table)
+from mpokit.cli.common import (add_method_flags, emit_json, int_at_least, method_flag_values, nonnegative_float,
+                               nonnegative_int, positive_float, positive_int, print_table)
 
 HELP = "fine-tune a model or compressed checkpoint (causal LM on a text file, or SST-2) and report the metric"
 
 
 def add_arguments(p) -> None:
-    from mpokit.train.recipes import METHODS, TASKS
+    from mpokit.methods.base import method_names
+    from mpokit.train.recipes import TASKS
 
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder, alias (smollm2, minilm) or hub id")
-    p.add_argument("--method", required=True, choices=METHODS,
+    p.add_argument("--method", required=True, choices=method_names("finetune"),
                    help="mpop: auxiliary cores only; recover: all MPO cores of a compressed model; opf: expand "
                         "selected weights to long MPOs, train, contract back; opdf: opf + distillation from "
                         "--teacher; lora: PEFT LoRA (on the MPO layers of a compressed model); full: every "
@@ -39,18 +40,7 @@ def add_arguments(p) -> None:
                         "or half-written one is moved aside and the one before it used; none valid: start afresh)")
     p.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
                    help="resume from this Trainer checkpoint folder (refused if it does not verify)")
-    p.add_argument("--num-cores", type=int_at_least(2), default=3, help="mpop on a dense model: cores per matrix")
-    p.add_argument("--squeeze-bond", type=positive_int, default=None, help="mpop: squeeze bonds down to this, in steps")
-    p.add_argument("--squeeze-steps", type=positive_int, default=2)
-    p.add_argument("--select", default="fisher", choices=["fisher", "stable-rank"], help="opf/opdf layer choice")
-    p.add_argument("--opf-count", type=positive_int, default=4, help="opf/opdf: how many weights to expand")
-    p.add_argument("--opf-extra", type=positive_int, default=2, help="opf/opdf: inserted r x r cores per weight")
-    p.add_argument("--teacher", default=None, help="opdf/kd: teacher model (same task)")
-    p.add_argument("--alpha", type=fraction, default=0.5, help="opdf/kd: KD weight")
-    p.add_argument("--beta", type=nonnegative_float, default=1.0, help="opdf: tensor constraint weight")
-    p.add_argument("--lora-rank", type=positive_int, default=8)
-    p.add_argument("--lora-targets", default=None,
-                   help="comma-separated module names for LoRA (default: per model; every MPO layer when compressed)")
+    add_method_flags(p, "finetune")  # each method's own options, declared on its config
     p.add_argument("--scheduler", default="linear", help="LR schedule (transformers name: linear, cosine, ...)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
@@ -60,19 +50,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from mpokit.methods.presets import build_config
     from mpokit.train.recipes import FinetuneOptions, finetune
 
+    method = build_config(args.method, kind="finetune", **method_flag_values(args, "finetune"))
     opts = FinetuneOptions(
-        model=args.model, method=args.method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
+        model=args.model, method=method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
         batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, train_limit=args.train_limit,
         eval_data=args.eval_data, eval_tokens=args.tokens, context=args.context, eval_limit=args.eval_limit,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        resume=args.resume_from or args.resume, num_cores=args.num_cores,
-        squeeze_bond=args.squeeze_bond, squeeze_steps=args.squeeze_steps, select=args.select,
-        opf_count=args.opf_count, opf_extra=args.opf_extra, teacher=args.teacher, alpha=args.alpha, beta=args.beta,
-        lora_rank=args.lora_rank, lora_targets=module_names("--lora-targets", args.lora_targets),
-        scheduler=args.scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_accum=args.grad_accum, max_minutes=args.max_minutes)
+        resume=args.resume_from or args.resume, scheduler=args.scheduler, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes)
     out = finetune(opts)
     metric = "accuracy" if args.task == "sst2" else "perplexity"
     print_table([out], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", metric,

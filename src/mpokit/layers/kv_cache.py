@@ -11,6 +11,7 @@ the ablation at the same bits and the same layout. Options beyond the paper, use
 
 The layers subclass transformers' `BaseQuantizedLayer` (codes are appended to, never
 re-quantized as in transformers' KIVI-style QuantizedLayer); the caches subclass `Cache`.
+The named settings (decoquant, rtn, -kc, -kcr, quanto) are configs in mpokit.methods.kv_cache.
 Per-token min/max ranges are refined by a small MSE search over range shrink factors.
 """
 from __future__ import annotations
@@ -24,8 +25,7 @@ from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
 from mpokit.ops.kv_quant import PackedTokens, dequantize_tokens, quantize_channels, quantize_tokens
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, check_bits
 
-__all__ = ["KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes", "make_kv_cache",
-           "KVCacheFactory", "KV_CACHE_KINDS", "KV_PRESETS"]
+__all__ = ["KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes"]
 
 MIN_FIT_TOKENS = 16  # DecoQuant's small core is fitted once this many exact tokens are at hand
 KV_CLIP_RATIOS = DEFAULT_CLIP_RATIOS[::2]  # 1.0, 0.95, ..., 0.6: per-token range search at quantize time
@@ -335,66 +335,3 @@ def kv_cache_bytes(cache) -> tuple[int, int]:
             b, h, _, d = layer._quantized_keys.shape
         fp16 += 2 * b * h * layer.get_seq_length() * d * 2
     return held, fp16
-
-
-# Named settings. "decoquant"/"rtn": per-token keys and values (DecoQuant as published, and its
-# ablation), a 16-token 16-bit window. "-kc": keys per channel over 64-token blocks with 4 sink
-# tokens kept in 16 bits and no extra window (partial key blocks wait in 16 bits): much better at 2 bits.
-# "-kcr": the same, with values (DecoQuant: their large core) rotated by a Hadamard matrix before
-# quantization: the best 2-bit setting measured.
-KV_PRESETS: dict[str, dict] = {
-    "decoquant": {"small_dim": 16, "residual_length": 16},
-    "rtn": {"small_dim": None, "residual_length": 16},
-    "decoquant-kc": {"small_dim": 16, "key_group": 64, "sink_length": 4, "residual_length": 0},
-    "rtn-kc": {"small_dim": None, "key_group": 64, "sink_length": 4, "residual_length": 0},
-    "decoquant-kcr": {"small_dim": 16, "key_group": 64, "sink_length": 4, "residual_length": 0, "rotate": True},
-    "rtn-kcr": {"small_dim": None, "key_group": 64, "sink_length": 4, "residual_length": 0, "rotate": True},
-}
-KV_CACHE_KINDS = (*KV_PRESETS, "quanto")
-
-
-def make_kv_cache(kind: str, config, bits: int = 4, residual_length: int | None = None, **kw) -> Cache:
-    """A fresh cache: a KV_PRESETS name (mpokit) or "quanto" (transformers' QuantizedCache).
-    residual_length None = the preset's (16; 0 for the -kc presets)."""
-    if kind in KV_PRESETS:
-        settings = {**KV_PRESETS[kind], **kw}
-        if residual_length is not None:
-            settings["residual_length"] = residual_length
-        return DecoQuantCache(config, bits=bits, **settings)
-    if kind == "quanto":
-        from transformers import QuantizedCache
-
-        if bits not in (2, 4):
-            raise ValueError(f"expected bits in (2, 4) for the quanto backend, got {bits}")
-        # axis 0 with group = head_dim: one scale/shift per token and head, the same grouping as ours
-        text = config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return QuantizedCache("quanto", config, nbits=bits, axis_key=0, axis_value=0, q_group_size=head_dim,
-                              residual_length=16 if residual_length is None else residual_length)
-    raise ValueError(f"expected a kv cache kind in {KV_CACHE_KINDS}, got {kind!r}")
-
-
-class KVCacheFactory:
-    """Callable making a fresh cache per evaluation batch, measuring each one's bytes when the next is made."""
-
-    def __init__(self, kind: str, config, bits: int = 4, residual_length: int | None = None, **kw):
-        self.kind, self.config, self.bits, self.residual_length, self.kw = kind, config, bits, residual_length, kw
-        self.held = self.fp16 = 0
-        self._last = None
-        make_kv_cache(kind, config, bits, residual_length, **kw)  # fail early on bad settings
-
-    def __call__(self) -> Cache:
-        self._measure()
-        self._last = make_kv_cache(self.kind, self.config, self.bits, self.residual_length, **self.kw)
-        return self._last
-
-    def _measure(self) -> None:
-        if self._last is not None:
-            held, fp16 = kv_cache_bytes(self._last)
-            self.held, self.fp16 = self.held + held, self.fp16 + fp16
-            self._last = None
-
-    def bytes_ratio(self) -> float:
-        """Bytes held / 16-bit bytes, summed over the caches made so far (each at its fullest)."""
-        self._measure()
-        return self.held / self.fp16 if self.fp16 else float("nan")

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 __all__ = ["MethodConfig", "LayerRecord", "Report", "register", "compress_", "config_from_dict", "REGISTRY",
-           "METHODS", "method_names", "get_method", "applied_methods"]
+           "METHODS", "method_names", "get_method", "applied_methods", "option", "cli_options"]
 
 CONFIG_VERSION = 2
 KINDS = ("compress", "finetune", "kv-cache")
@@ -61,6 +61,32 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def option(default: Any = None, help: str = "", *, flag: str | None = None, type: Callable | None = None,
+           choices: tuple | None = None) -> Any:
+    """A config field that the CLI offers as `--field-name` (or `flag`); the flag is unset unless given,
+    so the config's own default (which may differ between presets) applies. Values are checked by
+    the config's __post_init__. A bool field becomes a switch that sets True."""
+    meta = {"help": help, "flag": flag, "type": type, "choices": choices}
+    return field(default=default, metadata={"cli": meta})
+
+
+def cli_options(kind: str) -> dict[str, dict[str, Any]]:
+    """Field name -> CLI settings (help, flag, type, choices, defaults per method) over the methods of `kind`.
+    A field declared with `option` in any method of that kind is offered once; the method chosen
+    on the command line must have the field, else build_config names the flag as not applying."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in method_names(kind):
+        for f in dataclasses.fields(METHODS[name]):
+            meta = f.metadata.get("cli")
+            if meta is not None and f.name not in out:
+                out[f.name] = {**meta, "defaults": {}}
+    for name in method_names(kind):
+        for f in dataclasses.fields(METHODS[name]):
+            if f.name in out:
+                out[f.name]["defaults"][name] = f.default
+    return out
 
 
 def method_names(kind: str | None = None) -> list[str]:

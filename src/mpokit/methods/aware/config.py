@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
-from mpokit.methods.base import MethodConfig
+from mpokit.methods.base import MethodConfig, option
 
 __all__ = ["AwareConfig", "MPO3CoreConfig", "AwareGlobalConfig", "WhitenedSVDConfig", "ASVDConfig", "SVDConfig",
            "SCALINGS", "SENSITIVITIES", "ALLOCATIONS", "LAYOUTS"]
@@ -54,7 +54,7 @@ class AwareConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mpo"  # the default: each layer a 2-core MPO (low rank) or dense
-    budget: float = 0.8
+    budget: float = option(0.8, "fraction of targeted parameters to keep, in (0,1]", type=float)
     scaling: str = "whiten"
     sensitivity: str = "fisher"
     allocation: str = "global"
@@ -69,7 +69,7 @@ class AwareConfig(MethodConfig):
     fisher_tokens: int = 2048
     fisher_damp: float = 0.03
     fisher_full_max: int = 0
-    calibration_tokens: int = 8192
+    calibration_tokens: int = option(8192, "calibration tokens", type=int)
     calibration_context: int = 512
     forward_mode: str = "auto"
 

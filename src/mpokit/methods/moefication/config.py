@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.moe import MOE_FORWARD_MODES
-from mpokit.methods.base import MethodConfig
+from mpokit.methods.base import MethodConfig, option
 
 __all__ = ["MoEficationConfig", "MoEficationRefitConfig", "CLUSTER_FEATURES", "CLUSTER_BACKENDS"]
 
@@ -54,10 +54,10 @@ class MoEficationConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "moefication"
-    num_experts: int = 32
-    top_k: int | None = None
-    shared_experts: int = 0
-    refit: bool = False
+    num_experts: int = option(32, "experts per FFN", flag="--experts", type=int)
+    top_k: int | None = option(None, "experts computed per token", type=int)
+    shared_experts: int = option(0, "experts' worth of top neurons every token computes", type=int)
+    refit: bool = option(False, "refit the down projections to the routed selection (least squares)")
     refit_ridge: float = 0.01
     cluster_features: str = "activations"
     cluster_backend: str = "auto"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
-from mpokit.methods.base import MethodConfig
+from mpokit.methods.base import MethodConfig, option
 
 __all__ = ["MPOConfig"]
 
@@ -32,9 +32,9 @@ class MPOConfig(MethodConfig):
 
     method: ClassVar[str] = "mpo-datafree"
     budget: float | None = None
-    max_bond: int | None = None
-    cutoff: float | None = None
-    num_cores: int = 3
+    max_bond: int | None = option(None, "cap on every bond dimension", type=int)
+    cutoff: float | None = option(None, "relative error target per layer", type=float)
+    num_cores: int = option(3, "cores per matrix", type=int)
     lowrank: bool = False
     local_dims: dict[str, list[list[int]]] | None = None
     forward_mode: str = "auto"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpokit.layers.mpo import MPOLinear
+from mpokit.methods.kd.loss import kd_loss, make_kd_loss
 
 __all__ = ["tensor_constraint_loss", "kd_loss", "make_distill_loss", "expand_teacher_like_"]
 
@@ -39,37 +40,18 @@ def tensor_constraint_loss(student: nn.Module, teacher: nn.Module) -> torch.Tens
     return torch.stack(terms).mean()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over rows."""
-    v = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.reshape(-1, v) / temperature, dim=-1)  # (N, V)
-    t = F.log_softmax(teacher_logits.reshape(-1, v) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
-
-
 def make_distill_loss(teacher: nn.Module, alpha: float = 0.5, beta: float = 0.0, temperature: float = 2.0
                       ) -> Callable:
     """loss_fn(model, inputs) -> (loss, outputs) for mpokit.train.fit:
     (1 - alpha) * task loss + alpha * KD + beta * tensor constraint (beta = 0: plain KD)."""
-    if not (0 <= alpha <= 1) or beta < 0:
-        raise ValueError(f"expected alpha in [0, 1] and beta >= 0, got {alpha} and {beta}")
-    teacher.eval().requires_grad_(False)
-
-    def loss_fn(model, inputs):
-        outputs = model(**inputs)
-        with torch.no_grad():
-            t_logits = teacher(**inputs).logits
-        loss = (1 - alpha) * outputs.loss + alpha * kd_loss(outputs.logits, t_logits, temperature)
-        if beta > 0:
-            loss = loss + beta * tensor_constraint_loss(model, teacher)
-        return loss, outputs
-
-    return loss_fn
+    if beta < 0:
+        raise ValueError(f"expected beta >= 0, got {beta}")
+    extra = (lambda model: beta * tensor_constraint_loss(model, teacher)) if beta > 0 else None
+    return make_kd_loss(teacher, alpha, temperature, extra=extra)
 
 
 def expand_teacher_like_(teacher: nn.Module, student: nn.Module) -> list[str]:
     """Give the teacher the student's OPF layout on the same-named, same-shaped layers."""
-    from mpokit.methods.opf.core import expand_linear
     from mpokit.surgery import get_module, set_module
 
     done = []

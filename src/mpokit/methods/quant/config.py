@@ -5,7 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mpokit.methods.base import MethodConfig
+from mpokit.methods.base import MethodConfig, option
 from mpokit.ops.quant import SUPPORTED_BITS
 
 __all__ = ["QuantConfig", "GPTQConfig", "MPO_CORE_CHOICES", "ALGORITHMS"]
@@ -54,8 +54,8 @@ class QuantConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "quant"
-    bits: int = 4
-    group_size: int = 128
+    bits: int = option(4, "weight bits: 2, 3, 4 or 8", type=int)
+    group_size: int = option(128, "columns per quantization group", type=int)
     symmetric: bool = False
     zero_point: bool = True
     fit_groups: bool = True

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
-from mpokit.methods.base import MethodConfig
+from mpokit.methods.base import MethodConfig, option
 
 __all__ = ["ShareConfig"]
 
@@ -27,7 +27,7 @@ class ShareConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "share"
-    groups: int = 0
+    groups: int = option(0, "layers per group sharing a central core (1 = none, 0 = all)", type=int)
     max_bond: int | None = None
     budget: float | None = None
     init: str = "mean"

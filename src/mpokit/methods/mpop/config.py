@@ -1,0 +1,62 @@
+"""MPOP and recovery as training-time methods: which MPO cores train, and dimension squeezing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from mpokit.methods.base import option
+from mpokit.methods.checks import check_ints, int_at_least, positive_int
+from mpokit.methods.finetune import FinetuneConfig, Prepared, TrainContext, TrainOutcome
+from mpokit.methods.mpop.core import decompose_, dimension_squeeze_, mpo_linears, mpop_
+
+__all__ = ["MPOPConfig", "RecoverConfig"]
+
+
+@dataclass
+class MPOPConfig(FinetuneConfig):
+    """MPOP (ACL 2021): train only the auxiliary MPO cores (and a new classifier head).
+
+    A dense model is first decomposed losslessly into `num_cores`-core MPOs (a compressed one is
+    used as it is). squeeze_bond: lower every bond to this in `squeeze_steps` cuts, training
+    max_steps / squeeze_steps steps after each cut (dimension squeezing)."""
+
+    method: ClassVar[str] = "mpop"
+    default_lr: ClassVar[float] = 1e-3
+    num_cores: int = option(3, "cores per matrix when decomposing a dense model", type=int_at_least(2))
+    squeeze_bond: int | None = option(None, "squeeze bonds down to this, in steps", type=positive_int)
+    squeeze_steps: int = option(2, "cuts to reach --squeeze-bond", type=positive_int)
+
+    def __post_init__(self) -> None:
+        check_ints(self, 2, ["num_cores"])
+        check_ints(self, 1, ["squeeze_steps"])
+        check_ints(self, 1, ["squeeze_bond"], optional=True)
+
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> Prepared:
+        decompose_(model, self.target_modules, self.exclude_modules, num_cores=self.num_cores)
+        mpop_(model, extra=ctx.head)
+        return Prepared(model)
+
+    def train(self, prepared: Prepared, ctx: TrainContext) -> TrainOutcome:
+        if not self.squeeze_bond:
+            return super().train(prepared, ctx)
+        model, runs = prepared.model, []
+        per_cut = max(1, ctx.max_steps // self.squeeze_steps)
+        log = dimension_squeeze_(model, self.squeeze_bond, self.squeeze_steps, lambda: runs.append(
+            ctx.fit(model, max_steps=per_cut, subdir=f"squeeze{len(runs)}")), extra=ctx.head)
+        return TrainOutcome(runs[-1], {"squeeze": log, "trainable_params": log[-1]["trainable_params"]})
+
+
+@dataclass
+class RecoverConfig(FinetuneConfig):
+    """Recovery after compression: every core of the MPO layers trains (plus a new head)."""
+
+    method: ClassVar[str] = "recover"
+    default_lr: ClassVar[float] = 1e-4
+
+    def prepare(self, model: nn.Module, ctx: TrainContext) -> Prepared:
+        if not mpo_linears(model):
+            raise ValueError("expected a compressed model (MPO layers) for --method recover; compress it first")
+        mpop_(model, extra=ctx.head, all_cores=True)
+        return Prepared(model)
