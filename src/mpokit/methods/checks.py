@@ -17,23 +17,22 @@ def check_ints(config: Any, low: int, names: Iterable[str], optional: bool = Fal
         value = getattr(config, name)
         if optional and value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            tail = " or None" if optional else ""
-            raise ValueError(f"expected {name} >= {low} (an integer){tail}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"expected an integer {name}{' or None' if optional else ''}, got {value!r}")
+        if value < low:
+            raise ValueError(f"expected {name} >= {low}, got {value!r}")
 
 
 def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
                  low_open: bool = False) -> None:
     """A finite real number within [low, high] ((low, high] when low_open)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"expected a finite number for {name}, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
         left = "(" if low_open else "["
         span = f"in {left}{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}"
-        raise ValueError(f"expected {name} {span if low is not None else 'finite'}, got {value!r}")
+        raise ValueError(f"expected {name} {span}, got {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

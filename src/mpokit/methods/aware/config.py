@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
 from mpokit.methods.base import MethodConfig, option
+from mpokit.methods.checks import check_choice, check_ints, check_number
 
 __all__ = ["AwareConfig", "MPO3CoreConfig", "AwareGlobalConfig", "WhitenedSVDConfig", "ASVDConfig", "SVDConfig",
            "SCALINGS", "SENSITIVITIES", "ALLOCATIONS", "LAYOUTS"]
@@ -79,39 +78,18 @@ class AwareConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.layouts = tuple(self.layouts)
-        for name in ("refine_steps", "fisher_tokens", "fisher_full_max", "calibration_tokens", "calibration_context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"expected an integer {name}, got {value!r}")
-        for name in ("budget", "alpha", "damp", "correct_ridge", "mpo_min_in_ratio", "fisher_damp"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"expected a finite number for {name}, got {value!r}")
-        if min(self.alpha, self.damp, self.correct_ridge, self.mpo_min_in_ratio, self.refine_steps) < 0:
-            raise ValueError(f"expected alpha, damp, correct_ridge, mpo_min_in_ratio, refine_steps >= 0, got "
-                             f"{self.alpha}, {self.damp}, {self.correct_ridge}, {self.mpo_min_in_ratio}, "
-                             f"{self.refine_steps}")
-        if not (0 < self.budget <= 1):
-            raise ValueError(f"expected budget in (0, 1], got {self.budget}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"expected scaling in {SCALINGS}, got {self.scaling!r}")
-        if self.sensitivity not in SENSITIVITIES:
-            raise ValueError(f"expected sensitivity in {SENSITIVITIES}, got {self.sensitivity!r}")
-        if self.fisher_tokens < 2 or self.fisher_damp < 0 or self.fisher_full_max < 0:
-            raise ValueError(f"expected fisher_tokens >= 2, fisher_damp >= 0, fisher_full_max >= 0, got "
-                             f"{self.fisher_tokens}, {self.fisher_damp}, {self.fisher_full_max}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"expected allocation in {ALLOCATIONS}, got {self.allocation!r}")
+        check_ints(self, 0, ["refine_steps", "fisher_full_max"])
+        check_ints(self, 2, ["fisher_tokens", "calibration_tokens", "calibration_context"])
+        check_number("budget", self.budget, 0, 1, low_open=True)
+        for name in ("alpha", "damp", "correct_ridge", "mpo_min_in_ratio", "fisher_damp"):
+            check_number(name, getattr(self, name), 0)
+        check_choice("scaling", self.scaling, SCALINGS)
+        check_choice("sensitivity", self.sensitivity, SENSITIVITIES)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
         if not self.layouts or any(x not in LAYOUTS for x in self.layouts):
             raise ValueError(f"expected layouts drawn from {LAYOUTS}, got {self.layouts}")
-        if self.error_norm not in ("absolute", "relative"):
-            raise ValueError(f"expected error_norm 'absolute' or 'relative', got {self.error_norm!r}")
-        if self.calibration_tokens < 2 or self.calibration_context < 2:
-            raise ValueError(f"expected calibration_tokens and calibration_context >= 2, got "
-                             f"{self.calibration_tokens} and {self.calibration_context}")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"expected forward_mode in {FORWARD_MODES}, got {self.forward_mode!r}")
-
+        check_choice("error_norm", self.error_norm, ("absolute", "relative"))
+        check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
 
 # Named presets of the aware method: the same handler, other defaults.
 @dataclass

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.moe import MOE_FORWARD_MODES
 from mpokit.methods.base import MethodConfig, option
+from mpokit.methods.checks import check_choice, check_ints, check_number
 
 __all__ = ["MoEficationConfig", "MoEficationRefitConfig", "CLUSTER_FEATURES", "CLUSTER_BACKENDS"]
 
@@ -75,20 +74,13 @@ class MoEficationConfig(MethodConfig):
         return True
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "shared_experts", "router_hidden", "router_steps", "router_batch",
-                     "calibration_tokens", "calibration_context", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"expected an integer {name}, got {value!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)):
-            raise ValueError(f"expected an integer top_k or None, got {self.top_k!r}")
-        for name in ("refit_ridge", "router_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"expected a finite number for {name}, got {value!r}")
-        if self.num_experts < 1:
-            raise ValueError(f"expected num_experts >= 1, got {self.num_experts}")
-        if not 0 <= self.shared_experts < self.num_experts:
+        check_ints(self, 1, ["num_experts", "router_batch"])
+        check_ints(self, 0, ["shared_experts", "router_hidden", "router_steps", "seed"])
+        check_ints(self, 2, ["calibration_tokens", "calibration_context"])
+        check_ints(self, 1, ["top_k"], optional=True)
+        check_number("refit_ridge", self.refit_ridge, 0)
+        check_number("router_lr", self.router_lr, 0, low_open=True)
+        if self.shared_experts >= self.num_experts:
             raise ValueError(f"expected 0 <= shared_experts < num_experts={self.num_experts}, "
                              f"got {self.shared_experts}")
         routed = self.num_experts - self.shared_experts
@@ -96,21 +88,9 @@ class MoEficationConfig(MethodConfig):
             self.top_k = max(1, self.num_experts // 4 - self.shared_experts)
         if not 1 <= self.top_k <= routed:
             raise ValueError(f"expected 1 <= top_k <= num_experts - shared_experts={routed}, got {self.top_k}")
-        if self.cluster_features not in CLUSTER_FEATURES:
-            raise ValueError(f"expected cluster_features in {CLUSTER_FEATURES}, got {self.cluster_features!r}")
-        if self.cluster_backend not in CLUSTER_BACKENDS:
-            raise ValueError(f"expected cluster_backend in {CLUSTER_BACKENDS}, got {self.cluster_backend!r}")
-        if self.refit_ridge < 0:
-            raise ValueError(f"expected refit_ridge >= 0, got {self.refit_ridge}")
-        if self.router_hidden < 0 or self.router_steps < 0 or self.router_batch < 1 or self.router_lr <= 0:
-            raise ValueError(f"expected router_hidden >= 0, router_steps >= 0, router_batch >= 1, router_lr > 0, got "
-                             f"{self.router_hidden}, {self.router_steps}, {self.router_batch}, {self.router_lr}")
-        if self.calibration_tokens < 2 or self.calibration_context < 2:
-            raise ValueError(f"expected calibration_tokens >= 2 and calibration_context >= 2, got "
-                             f"{self.calibration_tokens} and {self.calibration_context}")
-        if self.forward_mode not in MOE_FORWARD_MODES:
-            raise ValueError(f"expected forward_mode in {MOE_FORWARD_MODES}, got {self.forward_mode!r}")
-
+        check_choice("cluster_features", self.cluster_features, CLUSTER_FEATURES)
+        check_choice("cluster_backend", self.cluster_backend, CLUSTER_BACKENDS)
+        check_choice("forward_mode", self.forward_mode, MOE_FORWARD_MODES)
 
 @dataclass
 class MoEficationRefitConfig(MoEficationConfig):

@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
 from mpokit.methods.base import MethodConfig, option
+from mpokit.methods.checks import check_choice, check_ints, check_number
 
 __all__ = ["MPOConfig"]
 
@@ -40,26 +39,15 @@ class MPOConfig(MethodConfig):
     forward_mode: str = "auto"
 
     def __post_init__(self) -> None:
+        check_ints(self, 1, ["max_bond"], optional=True)
+        check_ints(self, 1 if self.lowrank else 2, ["num_cores"])
         set_ = [k for k in ("budget", "max_bond", "cutoff") if getattr(self, k) is not None]
-        if self.max_bond is not None and (isinstance(self.max_bond, bool)
-                                          or not isinstance(self.max_bond, numbers.Integral)):
-            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
-        if isinstance(self.num_cores, bool) or not isinstance(self.num_cores, numbers.Integral):
-            raise ValueError(f"expected an integer num_cores, got {self.num_cores!r}")
-        for name in ("budget", "cutoff"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                      or not math.isfinite(value)):
-                raise ValueError(f"expected a finite number or None for {name}, got {value!r}")
         if len(set_) > 1:
             raise ValueError(f"expected at most one of budget/max_bond/cutoff, got {set_}")
-        if self.budget is not None and not (0 < self.budget <= 1):
-            raise ValueError(f"expected budget in (0, 1], got {self.budget}")
-        if self.max_bond is not None and self.max_bond < 1:
-            raise ValueError(f"expected max_bond >= 1, got {self.max_bond}")
-        if self.cutoff is not None and not (0 <= self.cutoff < 1):
-            raise ValueError(f"expected cutoff in [0, 1), got {self.cutoff}")
-        if self.num_cores < 2 and not self.lowrank:
-            raise ValueError(f"expected num_cores >= 2, got {self.num_cores}")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"expected forward_mode in {FORWARD_MODES}, got {self.forward_mode!r}")
+        if self.budget is not None:
+            check_number("budget", self.budget, 0, 1, low_open=True)
+        if self.cutoff is not None:
+            check_number("cutoff", self.cutoff)
+            if not 0 <= self.cutoff < 1:
+                raise ValueError(f"expected cutoff in [0, 1), got {self.cutoff}")
+        check_choice("forward_mode", self.forward_mode, FORWARD_MODES)

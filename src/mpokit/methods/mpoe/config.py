@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.moe import MOE_FORWARD_MODES
 from mpokit.methods.base import MethodConfig
+from mpokit.methods.checks import check_choice, check_ints, check_number
 
 __all__ = ["MPOEConfig", "EXPERT_TYPES"]
 
@@ -45,31 +44,16 @@ class MPOEConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "top_k", "num_cores", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"expected an integer {name}, got {value!r}")
-        if self.max_bond is not None and (isinstance(self.max_bond, bool)
-                                          or not isinstance(self.max_bond, numbers.Integral)):
-            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
-        for name in ("grad_mask", "noise", "balance_coef", "router_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"expected a finite number for {name}, got {value!r}")
-        if self.num_experts < 1:
-            raise ValueError(f"expected num_experts >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
+        check_ints(self, 1, ["num_experts", "top_k"])
+        check_ints(self, 2, ["num_cores"])
+        check_ints(self, 0, ["seed"])
+        check_ints(self, 1, ["max_bond"], optional=True)
+        if self.top_k > self.num_experts:
             raise ValueError(f"expected 1 <= top_k <= num_experts={self.num_experts}, got {self.top_k}")
-        if self.expert_type not in EXPERT_TYPES:
-            raise ValueError(f"expected expert_type in {EXPERT_TYPES}, got {self.expert_type!r}")
-        if self.num_cores < 2:
-            raise ValueError(f"expected num_cores >= 2, got {self.num_cores}")
-        if self.max_bond is not None and self.max_bond < 1:
-            raise ValueError(f"expected max_bond >= 1, got {self.max_bond}")
-        if not 0 <= self.grad_mask < 1:
+        check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        check_number("grad_mask", self.grad_mask, 0)
+        if self.grad_mask >= 1:
             raise ValueError(f"expected grad_mask in [0, 1), got {self.grad_mask}")
-        if self.noise < 0 or self.balance_coef < 0 or self.router_std < 0:
-            raise ValueError(f"expected noise, balance_coef, router_std >= 0, got {self.noise}, {self.balance_coef}, "
-                             f"{self.router_std}")
-        if self.forward_mode not in MOE_FORWARD_MODES:
-            raise ValueError(f"expected forward_mode in {MOE_FORWARD_MODES}, got {self.forward_mode!r}")
+        for name in ("noise", "balance_coef", "router_std"):
+            check_number(name, getattr(self, name), 0)
+        check_choice("forward_mode", self.forward_mode, MOE_FORWARD_MODES)

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.methods.base import MethodConfig, option
+from mpokit.methods.checks import check_choice, check_ints, check_number
 from mpokit.ops.quant import SUPPORTED_BITS
 
 __all__ = ["QuantConfig", "GPTQConfig", "MPO_CORE_CHOICES", "ALGORITHMS"]
@@ -73,26 +72,12 @@ class QuantConfig(MethodConfig):
         return self.algorithm == "gptq"
 
     def __post_init__(self) -> None:
-        for name in ("bits", "group_size", "calibration_tokens", "calibration_context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"expected an integer {name}, got {value!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real) or not math.isfinite(self.damp):
-            raise ValueError(f"expected a finite number for damp, got {self.damp!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"expected algorithm in {ALGORITHMS}, got {self.algorithm!r}")
-        if not self.damp > 0:
-            raise ValueError(f"expected damp > 0, got {self.damp}")
-        if self.calibration_tokens < 2 or self.calibration_context < 2:
-            raise ValueError(f"expected calibration_tokens and calibration_context >= 2, got "
-                             f"{self.calibration_tokens} and {self.calibration_context}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"expected bits in {SUPPORTED_BITS}, got {self.bits}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"expected group_size >= 1, got {self.group_size}")
-        if self.mpo_cores not in MPO_CORE_CHOICES:
-            raise ValueError(f"expected mpo_cores in {MPO_CORE_CHOICES}, got {self.mpo_cores!r}")
-
+        check_ints(self, 1, ["bits", "group_size"])
+        check_ints(self, 2, ["calibration_tokens", "calibration_context"])
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_number("damp", self.damp, 0, low_open=True)
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_choice("mpo_cores", self.mpo_cores, MPO_CORE_CHOICES)
 
 @dataclass
 class GPTQConfig(QuantConfig):

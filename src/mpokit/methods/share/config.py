@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mpokit.layers.mpo import FORWARD_MODES
 from mpokit.methods.base import MethodConfig, option
+from mpokit.methods.checks import check_choice, check_ints, check_number
 
 __all__ = ["ShareConfig"]
 
@@ -35,28 +34,11 @@ class ShareConfig(MethodConfig):
     forward_mode: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("groups", "sweeps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"expected an integer {name}, got {value!r}")
-        if self.max_bond is not None and (isinstance(self.max_bond, bool)
-                                          or not isinstance(self.max_bond, numbers.Integral)):
-            raise ValueError(f"expected an integer max_bond or None, got {self.max_bond!r}")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real)
-                                        or not math.isfinite(self.budget)):
-            raise ValueError(f"expected a finite number or None for budget, got {self.budget!r}")
-        if self.groups < 0:
-            raise ValueError(f"expected groups >= 0 (0 = all layers), got {self.groups}")
+        check_ints(self, 0, ["groups", "sweeps"])
+        check_ints(self, 1, ["max_bond"], optional=True)
         if self.max_bond is not None and self.budget is not None:
             raise ValueError(f"expected at most one of max_bond/budget, got max_bond={self.max_bond}, "
                              f"budget={self.budget}")
-        if self.max_bond is not None and self.max_bond < 1:
-            raise ValueError(f"expected max_bond >= 1, got {self.max_bond}")
-        if self.budget is not None and not 0 < self.budget <= 1:
-            raise ValueError(f"expected budget in (0, 1], got {self.budget}")
-        if self.init not in ("mean", "first"):
-            raise ValueError(f"expected init 'mean' or 'first', got {self.init!r}")
-        if self.sweeps < 0:
-            raise ValueError(f"expected sweeps >= 0, got {self.sweeps}")
-        if self.forward_mode not in FORWARD_MODES:
-            raise ValueError(f"expected forward_mode in {FORWARD_MODES}, got {self.forward_mode!r}")
+        if self.budget is not None:
+            check_number("budget", self.budget, 0, 1, low_open=True)
+        check_choice("init", self.init, ("mean", "first"))
