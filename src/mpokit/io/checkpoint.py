@@ -26,12 +26,7 @@ from mpokit.io.atomic import atomic_dir, check_target, recover
 from mpokit.io.manifest import build_manifest, file_sha256, verify_manifest
 from mpokit.io.validate import (DTYPES, CheckpointError, architecture_class, check_aliases, check_layer_fits,
                                 check_meta_types, check_tie, dtype_of)
-from mpokit.layers.ffn import Passthrough
-from mpokit.layers.moe import MoEFFN
-from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
-from mpokit.layers.mpo import MPOEmbedding, MPOLinear
-from mpokit.layers.quant import QuantLinear
-from mpokit.layers.quant_mpo import QuantMPOLinear
+from mpokit.layers import LAYERS, layer_modules, register_layer
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
 
@@ -40,18 +35,9 @@ __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoi
 
 # Format 2: a manifest over every file replaces format 1's sha256 of the weights file alone.
 META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 2
-# Layer classes a checkpoint may contain; each has spec() and from_spec(spec, dtype=...).
-LAYER_TYPES: dict[str, type] = {"MPOLinear": MPOLinear, "MPOEmbedding": MPOEmbedding, "QuantLinear": QuantLinear,
-                                "QuantMPOLinear": QuantMPOLinear}
-
-LAYER_TYPES.update({c.__name__: c for c in (MoEFFN, MPOEFFN, UpcycledMoE, Passthrough)})  # routed FFNs
+# Layer classes a checkpoint may contain, by spec "type": the layer protocol's registry (layers/base.py).
+LAYER_TYPES = LAYERS
 _RESERVED = {"mpokit_version", "format_version", "architecture", "dtype", "methods", "layers", "aliases", "manifest"}
-
-
-def register_layer(cls: type) -> type:
-    """Let checkpoints store layers of `cls` (other method packages call this)."""
-    LAYER_TYPES[cls.__name__] = cls
-    return cls
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -62,11 +48,8 @@ _sha256 = file_sha256  # the name older callers used
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    specs = {}
-    for name, m in model.named_modules():
-        if type(m).__name__ in LAYER_TYPES:
-            specs[name] = {**m.spec(), "orig_type": getattr(m, "orig_type", None), "tied_to": getattr(m, "tied_to", None)}
-    return specs
+    return {name: {**m.spec(), "orig_type": getattr(m, "orig_type", None), "tied_to": getattr(m, "tied_to", None)}
+            for name, m in layer_modules(model)}
 
 
 def _dedup_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -3,7 +3,9 @@
 DenseFFN is the architecture-neutral form that MoE layers are built from and convert
 back to: y = down @ act(gate x) * (up x) for gated (SwiGLU) FFNs, y = down @ act(up x)
 otherwise. GatedMLP and Conv1DMLP hold a dense FFN under the attribute names of the
-Hugging Face modules they stand in for (LlamaMLP, GPT2MLP), so state-dict keys match.
+Hugging Face modules they stand in for (LlamaMLP, GPT2MLP), so state-dict keys match;
+restore_dense_ffn puts a dense FFN back where a routed FFN of a given site kind stands
+(surgery/ffn.py describes the site kinds).
 """
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenseFFN", "activation", "linear_from", "GatedMLP", "Conv1DMLP", "Passthrough"]
+from mpokit.layers.base import MpokitLayer, replace_module
+
+__all__ = ["DenseFFN", "activation", "linear_from", "GatedMLP", "Conv1DMLP", "Passthrough", "BERT_SUFFIX",
+           "dense_ffn_module", "restore_dense_ffn"]
+
+BERT_SUFFIX = ".intermediate.dense"  # where a routed FFN stands in a BERT-style layer
 
 
 def activation(name: str) -> nn.Module:
@@ -116,8 +123,40 @@ class Conv1DMLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-class Passthrough(nn.Identity):
-    """Stands where a routed FFN absorbed a model's own module (BERT's activation and output.dense)."""
+def dense_ffn_module(ffn: DenseFFN, site_kind: str) -> nn.Module:
+    """x -> ffn(x) as plain modules: GatedMLP, Conv1DMLP for GPT-2 sites, else Linear -> act -> Linear."""
+    if ffn.gated:
+        return GatedMLP(ffn)
+    if site_kind == "gpt2":
+        return Conv1DMLP(ffn)
+    return nn.Sequential(linear_from(ffn.up, ffn.up_bias), activation(ffn.act), linear_from(ffn.down, ffn.down_bias))
+
+
+def restore_dense_ffn(model: nn.Module, module_name: str, site_kind: str, ffn: DenseFFN) -> None:
+    """Put `ffn` back where the routed FFN `model.<module_name>` of a `site_kind` site stands (gated,
+    gpt2: the whole MLP; bert: intermediate.dense and the Passthroughs after it), in its train/eval mode."""
+    training = model.get_submodule(module_name).training
+    site = module_name
+    if site_kind == "gated":
+        replace_module(model, site, GatedMLP(ffn))
+    elif site_kind == "gpt2":
+        replace_module(model, site, Conv1DMLP(ffn, getattr(model.config, "resid_pdrop", 0.0)))
+    elif site_kind == "bert":
+        if not module_name.endswith(BERT_SUFFIX):
+            raise ValueError(f"expected a BERT routed FFN name ending in {BERT_SUFFIX!r}, got {module_name!r}")
+        site = module_name[: -len(BERT_SUFFIX)]
+        layer = model.get_submodule(site)
+        layer.intermediate.dense = linear_from(ffn.up, ffn.up_bias)
+        layer.intermediate.intermediate_act_fn = activation(ffn.act)
+        layer.output.dense = linear_from(ffn.down, ffn.down_bias)
+    else:
+        raise ValueError(f"expected site kind gated/gpt2/bert, got {site_kind!r}")
+    model.get_submodule(site).train(training)
+
+
+class Passthrough(MpokitLayer, nn.Identity):
+    """Stands where a routed FFN absorbed a model's own module (BERT's activation and output.dense);
+    undoing that routed FFN puts those modules back."""
 
     def spec(self) -> dict[str, Any]:
         return {"type": type(self).__name__}
@@ -125,3 +164,6 @@ class Passthrough(nn.Identity):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device=None, dtype=None) -> "Passthrough":
         return cls()
+
+    def to_dense(self) -> nn.Identity:
+        return nn.Identity()

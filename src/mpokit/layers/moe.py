@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpokit.layers.ffn import DenseFFN, activation
+from mpokit.layers.base import MpokitLayer
+from mpokit.layers.ffn import DenseFFN, activation, dense_ffn_module, restore_dense_ffn
 from mpokit.ops.experts import KERNELS, expert_activation, run_experts
 
 __all__ = ["ExpertRouter", "MoEFFN", "MOE_FORWARD_MODES"]
@@ -42,7 +43,7 @@ class ExpertRouter(nn.Module):
         return self.net(x)
 
 
-class MoEFFN(nn.Module):
+class MoEFFN(MpokitLayer, nn.Module):
     """Drop-in for a dense FFN (x -> y). Only the top_k experts per token are computed."""
 
     def __init__(self, hidden_size: int, num_experts: int, expert_size: int, top_k: int, act: str, gated: bool,
@@ -129,6 +130,14 @@ class MoEFFN(nn.Module):
             return DenseFFN(up=dense_w[1], down=down, act=self.act, gate=dense_w[0], up_bias=up_b, gate_bias=gate_b,
                             down_bias=down_bias)
         return DenseFFN(up=dense_w[0], down=down, act=self.act, up_bias=dense_b[0], down_bias=down_bias)
+
+    def to_dense(self) -> nn.Module:
+        """The dense FFN as a module computing x -> FFN(x) (GatedMLP, Conv1DMLP or Linear -> act -> Linear)."""
+        return dense_ffn_module(self.to_dense_ffn(), self.site_kind).train(self.training)
+
+    def undo_(self, model: nn.Module, name: str) -> None:
+        """The dense FFN back at its site, which may span several modules (BERT: see layers/ffn.py)."""
+        restore_dense_ffn(model, name, self.site_kind, self.to_dense_ffn())
 
     @property
     def routed_experts(self) -> int:

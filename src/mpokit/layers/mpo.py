@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpokit.layers.base import MpokitLayer, as_replaced
+from mpokit.layers.cast import (CastOverflowError, balance_exponents, cast_dtype, check_cast, max_abs, narrower,
+                                norm_bound)
 from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply, tt_rows
 from mpokit.ops.factorize import choose_local_dims
 from mpokit.ops.tt import TTInfo, check_finite, core_shapes, pad_matrix, tt_svd, tt_svd_to_budget, tt_to_matrix
@@ -28,65 +31,6 @@ FORWARD_MODES = ("auto", "contract", "dense")
 CONTRACT_OVERHEAD = 2.0
 # The low-rank layout contracts as two plain GEMMs (x @ V.T @ U.T): measured ~1.1-1.5x its FLOP share.
 LOWRANK_OVERHEAD = 1.25
-
-
-class CastOverflowError(ValueError):
-    """A layer's stored tensors do not fit a lower-precision dtype (they would become inf/NaN)."""
-
-
-def cast_dtype(fn, dtype: torch.dtype) -> torch.dtype:
-    """The dtype `fn` (what nn.Module._apply passes: .to(), .half(), .cuda(), ...) turns `dtype` into."""
-    try:
-        return fn(torch.zeros((), dtype=dtype)).dtype
-    except Exception:  # a fn that only makes sense for real tensors: assume it keeps the dtype
-        return dtype
-
-
-def narrower(target: torch.dtype, source: torch.dtype) -> bool:
-    """Whether casting source -> target can overflow (e.g. float32 -> float16)."""
-    return (target.is_floating_point and source.is_floating_point
-            and torch.finfo(target).max < torch.finfo(source).max)
-
-
-def balance_exponents(norms: list[float]) -> list[int] | None:
-    """Integer e_k with sum 0 making norms[k] * 2**e_k about equal (within 2x): scaling MPO cores by
-    2**e_k leaves their product unchanged exactly (powers of two are exact in binary floats).
-    None when a norm is zero or not finite (nothing to balance)."""
-    if not norms or any(not math.isfinite(n) or n <= 0 for n in norms):
-        return None
-    logs = [math.log2(n) for n in norms]
-    mean = sum(logs) / len(logs)
-    exps = [round(mean - lg) for lg in logs]
-    excess = sum(exps)  # rounding may not sum to 0: move the most over-rounded ones back by 1
-    order = sorted(range(len(exps)), key=lambda k: (mean - logs[k]) - exps[k], reverse=excess < 0)
-    for k in order[: abs(excess)]:
-        exps[k] -= 1 if excess > 0 else -1
-    return exps
-
-
-def _max_abs(tensors) -> float:
-    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
-
-
-def norm_bound(cores: list[torch.Tensor]) -> float:
-    """prod_k ||core_k||_F, an upper bound on ||W||_F (hence on every |W_ij|) of the MPO product."""
-    return math.prod(float(c.detach().double().norm()) for c in cores)
-
-
-def check_cast(label: str, dtype: torch.dtype, stored: list[torch.Tensor], weight=None,
-               bound: float | None = None) -> None:
-    """Raise CastOverflowError unless every stored tensor is finite and, when `weight` (a callable
-    rebuilding the weight in `dtype`) is given, that weight is too; it is only rebuilt when `bound`
-    (an upper bound on its entries) does not already show it fits."""
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in stored if t.is_floating_point())
-    what = f"{bad} stored entries became inf/NaN"
-    if not bad and weight is not None and not (bound is not None and bound < torch.finfo(dtype).max):
-        w = weight()
-        bad = int((~torch.isfinite(w)).sum())
-        what = f"the weight has {bad} inf/NaN entries (|W| exceeds {torch.finfo(dtype).max:.4g})"
-    if bad:
-        raise CastOverflowError(f"{label}: cast to {dtype} overflows: {what}; keep this layer in torch.bfloat16 "
-                                f"or torch.float32 (e.g. model.to(torch.bfloat16)), which have float32's range")
 
 
 def make_layout(
@@ -112,7 +56,7 @@ def make_layout(
     return out_dims, in_dims
 
 
-class MPOModule(nn.Module):
+class MPOModule(MpokitLayer, nn.Module, register=False):
     """Common storage: cores (r_{k-1}, o_k, i_k, r_k) of a padded (prod o, prod i) matrix."""
 
     rows: int  # logical matrix rows (before padding)
@@ -158,7 +102,7 @@ class MPOModule(nn.Module):
         dtype, device = self.cores[0].dtype, self.cores[0].device
         cores = [c.detach() for c in cores]
         narrowing = any(narrower(dtype, c.dtype) for c in cores)
-        if narrowing and _max_abs(cores) > torch.finfo(dtype).max:
+        if narrowing and max_abs(cores) > torch.finfo(dtype).max:
             exps = balance_exponents([float(c.double().norm()) for c in cores])
             if exps is not None:
                 cores = [c * 2.0 ** e for c, e in zip(cores, exps)]
@@ -215,7 +159,7 @@ class MPOModule(nn.Module):
         source = self.cores[0].dtype if len(self.cores) else None
         target = cast_dtype(fn, source) if source is not None else None
         narrowing = target is not None and narrower(target, source)
-        if narrowing and _max_abs(self.cores) > torch.finfo(target).max:  # the cores would overflow: rebalance
+        if narrowing and max_abs(self.cores) > torch.finfo(target).max:  # the cores would overflow: rebalance
             self.balance_norms_()
         out = super()._apply(fn, recurse)
         if narrowing:
@@ -290,6 +234,10 @@ class MPOLinear(MPOModule):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    def to_dense(self) -> nn.Module:
+        """The nn.Linear (or transformers Conv1D, for orig_type "Conv1D") this layer stands for."""
+        return as_replaced(self.to_linear(), getattr(self, "orig_type", None))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -368,6 +316,9 @@ class MPOEmbedding(MPOModule):
         with torch.no_grad():
             emb.weight.copy_(w)
         return emb
+
+    def to_dense(self) -> nn.Embedding:
+        return self.to_embedding()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.forward_mode == "dense" or (self.forward_mode == "auto" and not self._needs_grad()):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpokit.layers.base import MpokitLayer
 from mpokit.layers.ffn import DenseFFN, activation
 from mpokit.layers.moe import MOE_FORWARD_MODES
 from mpokit.layers.mpo import make_layout
@@ -61,7 +62,7 @@ def mask_grad(x: torch.Tensor, drop: float) -> torch.Tensor:
     return _GradMask.apply(x, drop) if drop > 0 else x
 
 
-class RoutedMoE(nn.Module):
+class RoutedMoE(MpokitLayer, nn.Module, register=False):
     """Router + top-k dispatch shared by the upcycled layers; subclasses provide expert_weights()."""
 
     def __init__(self, hidden_size, neurons, num_experts, top_k, act, gated, out_features=None, bias_in=False,
@@ -174,6 +175,11 @@ class UpcycledMoE(RoutedMoE):
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w_in, self.w_out
+
+    def to_dense(self) -> "UpcycledMoE":
+        """Itself: its experts are dense already, and learned routing has no plain-module equivalent
+        (undoing it leaves it in place)."""
+        return self
 
     def spec(self) -> dict[str, Any]:
         return self.base_spec()
@@ -309,6 +315,9 @@ class MPOEFFN(RoutedMoE):
             dense.w_in.copy_(w_in)
             dense.w_out.copy_(w_out)
         return dense.train(self.training)
+
+    def to_dense(self) -> UpcycledMoE:
+        return self.to_dense_experts()
 
     def spec(self) -> dict[str, Any]:
         return {**self.base_spec(), "grad_mask": self.grad_mask,

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpokit.layers.mpo import CastOverflowError, cast_dtype, check_cast, narrower
+from mpokit.layers.base import MpokitLayer, as_replaced
+from mpokit.layers.cast import CastOverflowError, cast_dtype, check_cast, narrower
 from mpokit.ops.quant import SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
 
 __all__ = ["QuantLinear", "QuantizedTensor"]
@@ -109,7 +110,7 @@ class QuantizedTensor(nn.Module):
                 f"symmetric={self.symmetric}, zero_point={self.zero_point}")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(MpokitLayer, nn.Module):
     """Drop-in for nn.Linear with a group-wise quantized weight (2/3/4/8 bits)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -192,6 +193,10 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    def to_dense(self) -> nn.Module:
+        """The nn.Linear (or transformers Conv1D, for orig_type "Conv1D") with the dequantized weight."""
+        return as_replaced(self.to_linear(), getattr(self, "orig_type", None))
 
     def storage_bytes(self) -> int:
         """Bytes of packed codes + 16-bit scales/offsets + bias."""

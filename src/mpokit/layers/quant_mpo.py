@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpokit.layers.mpo import (CONTRACT_OVERHEAD, MPOLinear, balance_exponents, cast_dtype, check_cast,
-                               narrower, norm_bound)
+from mpokit.layers.base import MpokitLayer, as_replaced
+from mpokit.layers.cast import balance_exponents, cast_dtype, check_cast, narrower, norm_bound
+from mpokit.layers.mpo import CONTRACT_OVERHEAD, MPOLinear
 from mpokit.layers.quant import QuantizedTensor
 from mpokit.ops.quant import SCALE_DTYPE
 from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply
@@ -35,7 +36,7 @@ def select_cores(shapes: list[tuple[int, ...]], which: str) -> list[int]:
     raise ValueError(f"expected which in ('all', 'central', 'auxiliary'), got {which!r}")
 
 
-class QuantMPOLinear(nn.Module):
+class QuantMPOLinear(MpokitLayer, nn.Module):
     """MPO cores, some of them packed low-bit; a drop-in for the nn.Linear the MPO replaced."""
 
     def __init__(self, in_features: int, out_features: int, out_dims, in_dims, bonds, quantized: list[int],
@@ -122,6 +123,10 @@ class QuantMPOLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         return self.to_mpo().to_linear()
+
+    def to_dense(self) -> nn.Module:
+        """The nn.Linear (or transformers Conv1D, for orig_type "Conv1D") with the dequantized cores."""
+        return as_replaced(self.to_linear(), getattr(self, "orig_type", None))
 
     def storage_bytes(self) -> int:
         floats = sum(p.numel() * p.element_size() for p in self.fcores.values())

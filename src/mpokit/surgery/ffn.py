@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mpokit.layers.ffn import Conv1DMLP, DenseFFN, GatedMLP, Passthrough, activation, linear_from
+from mpokit.layers.base import layer_modules
+from mpokit.layers.ffn import BERT_SUFFIX, DenseFFN, Passthrough, restore_dense_ffn
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.surgery.targets import _matches
 
 __all__ = ["FFNSite", "find_ffns", "read_ffn", "install_ffn", "restore_ffn", "site_from_module_name", "ffn_act",
            "unload_routed_ffns_"]
-
-BERT_SUFFIX = ".intermediate.dense"
 
 
 @dataclass(frozen=True)
@@ -116,33 +115,16 @@ def install_ffn(model: nn.Module, site: FFNSite, module: nn.Module) -> None:
 
 def restore_ffn(model: nn.Module, site: FFNSite, ffn: DenseFFN) -> None:
     """Put a dense FFN back at a site that holds a routed one (in the routed one's train/eval mode)."""
-    training = get_module(model, site.module_name).training
-    if site.kind == "gated":
-        set_module(model, site.name, GatedMLP(ffn))
-    elif site.kind == "gpt2":
-        set_module(model, site.name, Conv1DMLP(ffn, getattr(model.config, "resid_pdrop", 0.0)))
-    elif site.kind == "bert":
-        layer = get_module(model, site.name)
-        layer.intermediate.dense = linear_from(ffn.up, ffn.up_bias)
-        layer.intermediate.intermediate_act_fn = activation(ffn.act)
-        layer.output.dense = linear_from(ffn.down, ffn.down_bias)
-    else:
-        raise ValueError(f"expected site kind gated/gpt2/bert, got {site.kind!r}")
-    get_module(model, site.name).train(training)
-
+    restore_dense_ffn(model, site.module_name, site.kind, ffn)
 
 
 def unload_routed_ffns_(model: nn.Module) -> int:
-    """Routed FFNs back to dense: MoE layers that hold a dense FFN's slices (to_dense_ffn) are
-    merged; MoE layers with MPO experts (to_dense_experts) become the same MoE with dense experts.
-    Returns how many layers changed."""
+    """Routed FFNs back to dense through the layer protocol (undo_): MoE layers that hold a dense
+    FFN's slices are merged; MoE layers with MPO experts become the same MoE with dense experts;
+    upcycled MoE layers stay. Returns how many routed FFNs were undone."""
     changed = 0
-    for name, m in list(model.named_modules()):
-        if hasattr(m, "to_dense_experts"):
-            set_module(model, name, m.to_dense_experts())
-            changed += 1
-    for name, m in list(model.named_modules()):
-        if hasattr(m, "to_dense_ffn"):
-            restore_ffn(model, site_from_module_name(name, m.site_kind), m.to_dense_ffn())
-            changed += 1
+    for name, m in layer_modules(model):
+        if getattr(m, "site_kind", None) is not None:  # routed FFNs (never nested in one another)
+            m.undo_(model, name)
+            changed += model.get_submodule(name) is not m
     return changed

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from mpokit.layers.base import replace_module
+
 __all__ = ["get_module", "set_module", "tied_groups", "shared_outside"]
 
 
@@ -14,14 +16,8 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace model.<name> with new; returns the old module."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    if type(new).__module__.startswith("mpokit."):  # lets mpokit layers name themselves in errors
-        new.mpokit_name = name
-    return old
+    """Replace model.<name> with new; returns the old module (mpokit modules learn their name, for errors)."""
+    return replace_module(model, name, new)
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:

@@ -56,12 +56,13 @@ def opf_layers(model: nn.Module) -> list[tuple[str, MPOLinear]]:
 
 
 def contract_(model: nn.Module) -> list[str]:
-    """Merge every OPF-expanded layer back to nn.Linear (trainability kept)."""
+    """Undo every OPF-expanded layer (the layer protocol's undo; trainability kept). Only the layers
+    expand_ made are undone: a compressed model's own MPO layers stay."""
     names = []
     for name, layer in opf_layers(model):
-        lin = layer.to_linear()
-        lin.requires_grad_(layer.cores[0].requires_grad)
-        set_module(model, name, lin)
+        trainable = layer.cores[0].requires_grad
+        layer.undo_(model, name)
+        model.get_submodule(name).requires_grad_(trainable)
         names.append(name)
     return names
 
