@@ -329,7 +329,7 @@ def test_sigkill_at_random_points_of_a_save_leaves_a_loadable_checkpoint(tmp_pat
 def test_checkpoint_without_mpokit_json_is_refused(ckpt, capsys):
     _, path = ckpt
     (path / META_FILE).unlink()
-    with pytest.raises(CheckpointError, match="do not match LlamaForCausalLM: .*missing.*mpokit.json is missing"):
+    with pytest.raises(CheckpointError, match="is an mpokit checkpoint .*whose mpokit.json is missing"):
         load_model(str(path))
     line = fail_line(capsys, ["compress", "--model", str(path), "--method", "mpo-datafree", "--out",
                               str(path.parent / "x")])
@@ -372,9 +372,9 @@ def test_manifest_lists_every_file(ckpt):
     _, path = ckpt
     meta = read_meta(path)
     files = set(meta["manifest"]["files"])
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     assert files == {p.name for p in path.iterdir()} - {META_FILE}
-    assert {"config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json"} <= files
+    assert {"config.json", "mpokit_loader.py", WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json"} <= files
 
 
 @pytest.mark.parametrize("change", ["config", "tokenizer", "added", "removed", "meta"])

@@ -1,7 +1,9 @@
 """Save and load compressed models: safetensors weights + JSON description.
 
 A checkpoint folder holds:
-  config.json        the Hugging Face model config (architecture, sizes)
+  config.json        the Hugging Face model config (architecture, sizes), model_type "mpokit" so
+                     that plain transformers refuses the folder (io/hf_guard.py)
+  mpokit_loader.py   what transformers runs with trust_remote_code=True: mpokit.load_compressed
   mpokit.json        mpokit version, applied methods, the spec of every replaced layer, aliases
                      of shared tensors, and a manifest: the sha256 of every other file of the
                      folder and of mpokit.json's own content (io/manifest.py)
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from mpokit.io.atomic import atomic_dir, check_target, recover
+from mpokit.io.hf_guard import read_model_config, write_guarded_config
 from mpokit.io.manifest import build_manifest, file_sha256, verify_manifest
 from mpokit.io.validate import (DTYPES, CheckpointError, architecture_class, check_aliases, check_layer_fits,
                                 check_meta_types, check_tie, dtype_of)
@@ -34,7 +37,8 @@ __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoi
            "LAYER_TYPES", "register_layer", "read_meta", "check_save_path", "FORMAT_VERSION"]
 
 # Format 2: a manifest over every file replaces format 1's sha256 of the weights file alone.
-META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 2
+# Format 3: config.json is guarded against plain transformers (io/hf_guard.py); format 2 folders still load.
+META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 3
 # Layer classes a checkpoint may contain, by spec "type": the layer protocol's registry (layers/base.py).
 LAYER_TYPES = LAYERS
 _RESERVED = {"mpokit_version", "format_version", "architecture", "dtype", "methods", "layers", "aliases", "manifest"}
@@ -96,7 +100,7 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
         **(extra or {}),
     }
     with atomic_dir(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint") as tmp:
-        model.config.save_pretrained(tmp)
+        write_guarded_config(model.config, tmp)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mpokit": __version__})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -152,7 +156,7 @@ def _build_model(path: Path, meta: dict[str, Any], cls: type, dtype: torch.dtype
 
     where = path / META_FILE
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = read_model_config(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"bad config.json in {path}: {e}") from e
     want = getattr(cls, "config_class", None)

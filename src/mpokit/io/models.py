@@ -167,6 +167,12 @@ def _check_model_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise MissingModelError(f"no config.json in {path}: expected a Hugging Face model folder (config.json and "
                                 "weights) or an mpokit checkpoint (mpokit.json)")
+    from mpokit.io.checkpoint import CheckpointError
+    from mpokit.io.hf_guard import is_guarded
+
+    if is_guarded(path):  # written by save_compressed, but its description is gone
+        raise CheckpointError(f"{path} is an mpokit checkpoint (its config.json says so) whose mpokit.json is "
+                              "missing: its compressed layers cannot be rebuilt. Refusing to fill them randomly")
     if not any(_WEIGHT_FILE.fullmatch(p.name) for p in path.iterdir() if p.is_file()):
         raise MissingModelError(f"no weights in {path} (expected model.safetensors or pytorch_model.bin beside "
                                 "config.json)")
