@@ -64,3 +64,25 @@ def test_format_2_folders_with_a_plain_config_still_load(saved):
     (path / META_FILE).write_text(json.dumps(meta))
     ids = torch.randint(0, 100, (1, 12))
     assert torch.equal(mpokit.load_compressed(path, verify=False)(ids).logits, model(ids).logits)
+
+
+def test_loading_never_allocates_the_dense_skeleton(saved, monkeypatch):
+    """Issue 12 item 2: the architecture is built on the meta device and only the stored tensors are
+    materialised (a quantized model never holds the dense float32 weights while loading)."""
+    from mpokit.io import checkpoint
+
+    model, path = saved
+    seen = {}
+    build = checkpoint._build_model
+
+    def spy(*args, **kwargs):
+        skeleton = build(*args, **kwargs)
+        seen["real"] = [n for n, p in skeleton.named_parameters() if not p.is_meta]
+        return skeleton
+
+    monkeypatch.setattr(checkpoint, "_build_model", spy)
+    loaded = mpokit.load_compressed(path)
+    assert seen["real"] == []  # every parameter waited on meta for the stored tensor
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    ids = torch.randint(0, 100, (1, 12))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)

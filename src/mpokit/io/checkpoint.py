@@ -231,19 +231,30 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
         state = load_file(str(weights))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupt or truncated weights file {weights}: {e}") from e
+    for key in list(state):  # safetensors' tensors are not 64-byte aligned, and CPU matmul kernels round
+        state[key] = state[key].clone()  # differently on unaligned data: fresh copies, one at a time
     aliases = meta.get("aliases", {})
     check_aliases(aliases, set(state), where)
     for alias, kept in aliases.items():
         state[alias] = state[kept]
-    model = _build_model(path, meta, cls, dtype, aliases)
+    from accelerate import init_empty_weights
+
+    # Load small: the skeleton's parameters live on the meta device (no dense float32 weights are
+    # ever allocated); load_state_dict(assign=True) then puts the stored tensors in their place.
+    # Buffers stay real: non-persistent ones (rotary frequencies) are computed, not stored.
+    with init_empty_weights(include_buffers=False):
+        model = _build_model(path, meta, cls, dtype, aliases)
     _check_dtypes(model, state, path)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its model description: {e}") from e
     for name, spec in meta["layers"].items():  # re-share cores that load_state_dict copied into separately
         if spec.get("tied_to"):
             get_module(model, name).cores = get_module(model, spec["tied_to"]).cores
     _reshare_parameters(model, aliases)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint {path} does not fill {len(left)} tensors of its model ({left[:3]})")
     model._mpokit_methods = meta.get("methods", [])
     return model.to(device).eval()

@@ -6,6 +6,8 @@ an arbitrary attribute of transformers or torch), the aliases between stored ten
 """
 from __future__ import annotations
 
+import copy
+
 import re
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,11 @@ def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn
     if probe is None:
         return
     x, width = probe
+    if any(t.is_meta for t in [*layer.parameters(), *layer.buffers()]):  # loading small: probe a zero copy
+        layer = copy.deepcopy(layer).to_empty(device="cpu")  # one layer's memory, freed after the probe
+        with torch.no_grad():
+            for t in [*layer.parameters(), *layer.buffers()]:
+                t.zero_()
     try:
         y = _run_probe(layer, x)
     except Exception as e:
