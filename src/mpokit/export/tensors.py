@@ -1,0 +1,117 @@
+"""The tensors of a llama model under their GGUF names, each encoded (encode.py) and row-permuted.
+
+Quantized layers (QuantLinear) keep their codes; every other mpokit layer (MPO, low-rank,
+quantized-MPO, routed FFN) is undone on a copy of the model first and written as the dense
+weight it computes, so the file does not carry its structure. llama.cpp stores q_proj/k_proj
+with the rows of each head reordered for its rotary kernel (convert_hf_to_gguf's `permute`;
+transformers' GGUF loader reverses it): the same row permutation is applied here, to encoded
+rows, so the column groups inside each row stay intact.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpokit.export.encode import Encoded, encode_dense, encode_quantized
+from mpokit.layers.base import layer_modules
+from mpokit.layers.quant import QuantLinear
+from mpokit.surgery.replace import get_module
+
+__all__ = ["ExportTensor", "densified_copy", "collect_tensors", "rope_permutation"]
+
+
+@dataclass
+class ExportTensor:
+    name: str  # GGUF name, e.g. blk.0.attn_q.weight
+    hf_name: str
+    shape: tuple[int, ...]  # as in the model: (out, in) for weights
+    encoded: Encoded
+
+
+def densified_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """`model` itself when its only mpokit layers are QuantLinear; else a copy with every other mpokit
+    layer undone (outermost first, ties restored, as surgery.unload_ does), and one note per layer."""
+    others = [(n, m) for n, m in layer_modules(model) if not isinstance(m, QuantLinear)]
+    if not others:
+        return model, []
+    model = copy.deepcopy(model)
+    notes, undone = [], []
+    for name, layer in layer_modules(model):
+        if isinstance(layer, QuantLinear) or not _still_there(model, name, layer):
+            continue
+        layer.undo_(model, name)
+        undone.append((name, layer))
+        notes.append(f"{name}: {type(layer).__name__} written as its dense weight (its structure is not carried)")
+    for name, layer in undone:
+        source = getattr(layer, "tied_to", None)
+        if source:
+            get_module(model, name).weight = get_module(model, source).weight
+    return model, notes
+
+
+def _still_there(model: nn.Module, name: str, layer: nn.Module) -> bool:
+    try:
+        return model.get_submodule(name) is layer
+    except AttributeError:
+        return False
+
+
+def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order of llama.cpp's q/k layout: new[k] = old[perm[k]]. In each head of `rows // n_head`
+    rows, the first and second halves (the rotary pairs as transformers splits them) are interleaved."""
+    if rows % (2 * n_head):
+        raise ValueError(f"expected q/k rows divisible by 2 x {n_head} heads, got {rows}")
+    half = rows // n_head // 2
+    return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)  # (rows,)
+
+
+def _sources(model: nn.Module) -> list[tuple[str, object]]:
+    """(HF tensor name, QuantizedTensor or tensor) for every tensor to write, tied lm_head left out."""
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    state = model.state_dict()
+    out = []
+    for key, t in state.items():
+        owner = key.rpartition(".")[0]
+        if owner.endswith(".qweight") and owner[: -len(".qweight")] in quant:
+            if key.endswith(".packed"):  # scale and offset travel with the codes
+                out.append((owner[: -len(".qweight")] + ".weight", quant[owner[: -len(".qweight")]].qweight))
+            continue
+        out.append((key, t))
+    embed = state.get("model.embed_tokens.weight")
+    head = state.get("lm_head.weight")
+    if getattr(model.config, "tie_word_embeddings", False) and embed is not None and head is not None \
+            and head.data_ptr() == embed.data_ptr() and head.shape == embed.shape:
+        out = [(k, v) for k, v in out if k != "lm_head.weight"]  # llama.cpp reuses token_embd when output is absent
+    return out
+
+
+def collect_tensors(model: nn.Module, int4_zero_point: str = "q4_1", convert: str = "f16",
+                    dense: str = "auto") -> list[ExportTensor]:
+    """Every tensor of a (densified) llama model, named, encoded and permuted for GGUF."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    config = model.config
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    out = []
+    for hf_name, src in _sources(model):
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_base = names.get_name(base)
+        if gguf_base is None or suffix not in ("weight", "bias"):
+            raise ValueError(f"expected only llama tensors in the model, got {hf_name!r}, which GGUF's llama layout "
+                             "has no name for")
+        if isinstance(src, torch.Tensor):
+            enc = encode_dense(src, dense, "unquantized")
+            shape = tuple(src.shape)
+        else:
+            enc = encode_quantized(src, int4_zero_point, convert)
+            shape = (src.rows, src.cols)
+        if gguf_base.endswith((".attn_q", ".attn_k")):
+            perm = rope_permutation(shape[0], heads if gguf_base.endswith(".attn_q") else kv_heads).numpy()
+            enc.data = enc.data[perm]  # rows only: each row's blocks (and groups) move whole
+        out.append(ExportTensor(f"{gguf_base}.{suffix}", hf_name, shape, enc))
+    return out
