@@ -154,7 +154,7 @@ def main() -> int:
         out.with_name("bench_moe_kernels.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
         return 0
 
-    from mpokit import compress_
+    from mpokit import Calibration, compress_
     from mpokit.eval.table import print_table
     from mpokit.eval import count_params, perplexity
     from mpokit.io.models import load_model
@@ -182,11 +182,11 @@ def main() -> int:
         from mpokit.methods.moefication.router import collect_ffn_inputs
         from mpokit.surgery.ffn import find_ffns
 
-        batches = resolve_calibration(None, tok, calibration_text, config.calibration_tokens,
+        batches = resolve_calibration(Calibration(text=calibration_text), tok, config.calibration_tokens,
                                       config.calibration_context, "moefication")
         calib_inputs = list(collect_ffn_inputs(model, find_ffns(model), batches, progress=False).values())
     start = time.perf_counter()
-    report = compress_(model, config, tokenizer=tok, calibration_text=calibration_text)
+    report = compress_(model, config, tokenizer=tok, calibration=Calibration(text=calibration_text))
     compress_s = time.perf_counter() - start
     moes = moe_layers(model)
     print(f"moefication: {compress_s:.0f} s, mean router recall@{max(ks)} {report.extra['mean_router_recall']:.3f}",

@@ -246,15 +246,16 @@ def test_calibration_below_the_input_width_warns(root, tmp_path):
 
 def test_calibration_fewer_tokens_than_requested_warns(llama):
     from mpokit.calibration.stats import resolve_calibration
+    from mpokit.data import Calibration
 
     tok = tiny_tokenizer()
     with pytest.warns(UserWarning, match="gives 100 tokens, fewer than the 1000 requested"):
-        batches = resolve_calibration(None, tok, words_text(100), 1000, 64, "a test")
+        batches = resolve_calibration(Calibration(text=words_text(100)), tok, 1000, 64, "a test")
     assert sum(b.numel() for b in batches) == 100
     with pytest.raises(ValueError, match="at least 64 tokens"):
-        resolve_calibration(None, tok, words_text(50), 1000, 64, "a test")
+        resolve_calibration(Calibration(text=words_text(50)), tok, 1000, 64, "a test")
     with pytest.raises(ValueError, match="at least 2 tokens"):
-        resolve_calibration([], tok, None, 1000, 64, "a test")
+        resolve_calibration(Calibration(batches=[]), tok, 1000, 64, "a test")
 
 
 # ---- item 13: empty targets and library configs --------------------------------------------------------------------

@@ -20,9 +20,10 @@ FORBIDDEN: dict[str, set[str]] = {
     "methods": {"cli", "train"},
     "io": {"methods", "train", "cli"},
     "eval": {"cli", "io", "train"},
-    "data": {"methods", "train", "cli", "layers"},
+    "data": {"methods", "train", "cli", "layers", "eval", "io"},
     "train": {"cli"},
     "integrations": {"cli"},
+    "export": {"cli", "train"},
 }
 # ops is pure tensor math: no nn.Module classes and no transformers (torch.nn.functional is plain functions).
 OPS_FORBIDDEN_MODULES = {"torch.nn", "torch.nn.modules", "torch.nn.parameter", "transformers"}

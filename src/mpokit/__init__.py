@@ -1,8 +1,9 @@
 """mpokit: compress and adapt transformer models with matrix product operators.
 
-The public API, as torchao keeps it: the in-place entry points, save/load, and every
-registered method config (`mpokit.AwareConfig`, `mpokit.GPTQConfig`, ...).
+The public API, as torchao keeps it: the in-place entry points, save/load, the calibration input
+(`mpokit.Calibration`) and every registered method config (`mpokit.AwareConfig`, `mpokit.GPTQConfig`, ...).
 """
+from mpokit.data import Calibration
 from mpokit.io import load_compressed, load_model, save_compressed
 from mpokit.layers import MPOEmbedding, MPOLinear
 from mpokit.methods import METHODS, MethodConfig, Report, compress_, get_method, method_names
@@ -13,6 +14,6 @@ from mpokit.version import __version__
 # Every registered config by its class name: a new method package needs no line here.
 globals().update({cls.__name__: cls for cls in METHODS.values()})
 
-__all__ = ["__version__", "compress_", "unload_", "save_compressed", "load_compressed", "load_model",
+__all__ = ["__version__", "compress_", "Calibration", "unload_", "save_compressed", "load_compressed", "load_model",
            "MPOLinear", "MPOEmbedding", "MethodConfig", "Report", "get_method", "method_names",
            *sorted(cls.__name__ for cls in METHODS.values())]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.data import Calibration, load_corpus, tokenize_prefix
 from mpokit.surgery.replace import get_module
 
 __all__ = ["InputStats", "GramAccumulator", "collect_input_stats", "calibration_batches", "resolve_calibration"]
@@ -49,8 +50,6 @@ def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int 
 
 
 def _prefix_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
-    from mpokit.data.corpus import tokenize_prefix
-
     return tokenize_prefix(tokenizer, text, tokens)
 
 
@@ -58,13 +57,19 @@ def _windows(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
     return [ids[i:i + context].unsqueeze(0) for i in range(0, ids.numel() - 1, context)]
 
 
-def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str | None, tokens: int, context: int,
+def resolve_calibration(calibration: Calibration | None, tokenizer, tokens: int, context: int,
                         purpose: str) -> list[torch.Tensor]:
-    """The caller's batches, else windows of `text` (default: the offline corpus) tokenized by `tokenizer`.
+    """Token windows (1, context) for a calibrated method: the one place calibration input is resolved.
 
-    The text must give at least one calibration window (min(tokens, context) tokens); fewer tokens
-    than `tokens` are used with a warning.
+    calibration.batches are used as they are; else windows of calibration.text (None: the offline
+    corpus) tokenized by `tokenizer`. `tokens` and `context` (the method config's) apply where the
+    Calibration leaves them None. The text must give at least one calibration window
+    (min(tokens, context) tokens); fewer tokens than `tokens` are used with a warning.
     """
+    calibration = Calibration() if calibration is None else calibration
+    tokens = calibration.tokens if calibration.tokens is not None else tokens
+    context = calibration.context if calibration.context is not None else context
+    batches = calibration.batches
     if batches is not None:
         batches = list(batches)
         if not batches or sum(b.numel() for b in batches) < 2:
@@ -74,10 +79,7 @@ def resolve_calibration(batches: list[torch.Tensor] | None, tokenizer, text: str
     if tokenizer is None:
         raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
                          f"for {purpose}, got neither")
-    if text is None:
-        from mpokit.data.corpus import load_corpus
-
-        text = load_corpus().text
+    text = calibration.text if calibration.text is not None else load_corpus().text
     ids = _prefix_ids(tokenizer, text, tokens)
     have, need = ids.numel(), max(2, min(tokens, context))
     if have < need:

@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from mpokit.data.corpus import load_corpus
+    from mpokit.data import Calibration
     from mpokit.io.checkpoint import check_save_path, save_compressed
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
@@ -37,11 +37,12 @@ def run(args) -> int:
     options = method_flag_values(args, "compress")
     config = build_config(args.method, target_modules=targets,
                           exclude_modules=module_names("--exclude", args.exclude), **options)
-    calibration = load_corpus(args.calibration) if needs_calibration(config) else None
+    # --calibration FILE, else the offline default corpus; the report names which
+    calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
     loaded = load_model(args.model)
     start = time.perf_counter()
-    kwargs = {"tokenizer": loaded.tokenizer, "calibration_text": calibration.text} if calibration else {}
+    kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
     seconds = time.perf_counter() - start
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),

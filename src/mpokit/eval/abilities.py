@@ -12,7 +12,6 @@ Sizes default small so the three run on a CPU in minutes; every result states it
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import re
 import time
@@ -20,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from mpokit.data import read_sst2, shared_data_dir
 
 __all__ = ["AbilityResult", "default_data_dir", "icl_sst2", "make_arithmetic_problems", "cot_arithmetic",
            "make_instructions", "check_instruction", "instruction_following", "evaluate_abilities", "extract_answer",
@@ -40,26 +41,7 @@ class AbilityResult:
         return asdict(self)
 
 
-def default_data_dir() -> Path:
-    """MPOKIT_DATA, else ../shared/data beside the repository (or beside the working directory)."""
-    if os.environ.get("MPOKIT_DATA"):
-        return Path(os.environ["MPOKIT_DATA"])
-    repo = Path(__file__).resolve().parents[3]
-    for base in (repo, Path.cwd()):
-        if (base.parent / "shared" / "data").is_dir():
-            return base.parent / "shared" / "data"
-    return Path("../shared/data")
-
-
-def _read_sst2(path: Path) -> list[tuple[str, int]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing SST-2 file {path} (set MPOKIT_DATA to the data folder)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-        label, _, text = line.partition("\t")
-        if text:
-            rows.append((text.strip(), int(label)))
-    return rows
+default_data_dir = shared_data_dir  # the one rule (MPOKIT_DATA first), under the name this module always had
 
 
 def _chat(tokenizer, turns: list[tuple[str, str]]) -> str:
@@ -95,24 +77,24 @@ def icl_sst2(model, tokenizer, k: int = 4, n: int = 100, seed: int = 0, data_dir
     """k-shot SST-2 accuracy on the first n dev sentences (demonstrations: balanced, from train)."""
     start = time.perf_counter()
     data = Path(data_dir) if data_dir else default_data_dir()
-    train, dev = _read_sst2(data / "sst2" / "train.tsv"), _read_sst2(data / "sst2" / "dev.tsv")[:n]
+    train, dev = read_sst2(data / "sst2" / "train.tsv"), read_sst2(data / "sst2" / "dev.tsv")[:n]  # (label, text)
     rng = random.Random(seed)
-    pos, neg = [r for r in train if r[1] == 1], [r for r in train if r[1] == 0]
+    pos, neg = [r for r in train if r[0] == 1], [r for r in train if r[0] == 0]
     verbal = {0: " negative", 1: " positive"}
     label_ids = [tokenizer(verbal[c], add_special_tokens=False)["input_ids"][0] for c in (0, 1)]
     device = next(model.parameters()).device
     correct, examples = 0, []
-    for text, label in dev:
+    for label, text in dev:
         demos = rng.sample(pos, k // 2 + k % 2) + rng.sample(neg, k // 2)
         rng.shuffle(demos)
-        prompt = "".join(f"Review: {t}\nSentiment:{verbal[y]}\n\n" for t, y in demos) + f"Review: {text}\nSentiment:"
+        prompt = "".join(f"Review: {t}\nSentiment:{verbal[y]}\n\n" for y, t in demos) + f"Review: {text}\nSentiment:"
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         logits = model(input_ids=ids).logits[0, -1]  # (V,)
         pred = int(logits[label_ids[1]] > logits[label_ids[0]])
         correct += pred == label
         if len(examples) < 3:
             examples.append({"text": text, "label": label, "pred": pred})
-    labels = [y for _, y in dev]
+    labels = [y for y, _ in dev]
     chance = max(labels.count(0), labels.count(1)) / max(len(labels), 1)
     return AbilityResult("icl_sst2", correct / max(len(dev), 1), len(dev), chance, time.perf_counter() - start,
                          {"k": k, "seed": seed}, examples)

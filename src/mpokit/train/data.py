@@ -1,18 +1,14 @@
 """Datasets for the Trainer wrappers: causal-LM windows of a text, SST-2 sentences."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from mpokit.data import read_sst2, shared_data_dir  # re-exported: the one reader and data-folder rule
+
 __all__ = ["TextWindows", "SST2", "read_sst2", "shared_data_dir"]
-
-
-def shared_data_dir() -> Path:
-    """../shared/data relative to the repository root (tests and benches use it, never copies)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 class TextWindows(Dataset):
@@ -35,25 +31,6 @@ class TextWindows(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         w = self.windows[i]
         return {"input_ids": w, "labels": w.clone()}
-
-
-def read_sst2(path: str | Path, limit: int | None = None) -> list[tuple[int, str]]:
-    """Rows (label, sentence) of a GLUE-style `label<TAB>text` file with a header line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"missing SST-2 file: {path}")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        next(reader, None)  # header
-        for rec in reader:
-            if len(rec) >= 2 and rec[0] in ("0", "1"):
-                rows.append((int(rec[0]), rec[1]))
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise ValueError(f"expected `label<TAB>sentence` rows in {path}, got none")
-    return rows
 
 
 class SST2(Dataset):

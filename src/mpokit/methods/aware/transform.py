@@ -16,6 +16,7 @@ from torch import nn
 from mpokit.calibration.blocks import stream_blocks
 from mpokit.calibration.fisher import collect_output_fisher
 from mpokit.calibration.stats import InputStats, collect_input_stats, resolve_calibration
+from mpokit.data import Calibration, as_calibration
 from mpokit.layers.mpo import MPOLinear
 from mpokit.methods.aware.allocate import LayerSpectrum, allocate_global, allocate_uniform
 from mpokit.methods.aware.config import AwareConfig
@@ -134,98 +135,142 @@ def tied_partners(model: nn.Module, names: list[str]) -> tuple[list[str], dict[s
     return primaries, partners
 
 
-@register(AwareConfig)
-def aware_compress_(model: nn.Module, config: AwareConfig, tokenizer=None, calibration_text: str | None = None,
-                   batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
+def _left(lefts: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    return lefts[name].double() if name in lefts else None
+
+
+def _aware_targets(model: nn.Module, config: AwareConfig) -> tuple[list[str], dict[str, list[str]]]:
+    """(primaries, partners) of the targeted linear layers; embeddings are refused."""
     names = find_targets(model, config.target_modules, config.exclude_modules)
     embeddings = [n for n in names if isinstance(get_module(model, n), nn.Embedding)]
     if embeddings:
         raise ValueError(f"expected linear layers for activation-aware compression, got embeddings {embeddings}; "
                          "use MPOConfig (data-free) for embeddings")
-    names, partners = tied_partners(model, names)
-    needs_data = config.needs_calibration
-    batches = (resolve_calibration(batches, tokenizer, calibration_text, config.calibration_tokens,
-                                   config.calibration_context, "activation-aware compression")
-               if needs_data else None)
-    lefts = _output_factors(model, config, names, batches)
+    return tied_partners(model, names)
 
-    def left(n):
-        return lefts[n].double() if n in lefts else None
 
+def _allocate_ranks(model, config: AwareConfig, names: list[str], batches, lefts, progress: bool
+                    ) -> dict[str, int | None]:
+    """Pass 1: each layer's weighted spectrum, then the budget split across layers (None: keep dense)."""
     spectra: dict[str, LayerSpectrum] = {}
 
     def record_spectra(_, local, stats):
         for n in local:
             w = weight_matrix(get_module(model, n)).detach()
-            sigma = _weighted_sigma(w, *_input_scale(config, stats, n), left(n))
+            sigma = _weighted_sigma(w, *_input_scale(config, stats, n), _left(lefts, n))
             spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], sigma)
-        return False
+        return False  # statistics only: the block's outputs are unchanged
 
     if config.allocation == "uniform":  # ranks follow from shapes alone: no spectra pass
         for n in names:
             w = weight_matrix(get_module(model, n))
             spectra[n] = LayerSpectrum(w.shape[0], w.shape[1], torch.empty(0))
-    elif needs_data:
+    elif batches is not None:
         _stream(model, names, batches, record_spectra, progress, "spectra")
     else:
         record_spectra(None, names, None)
     if config.allocation == "global":
-        ranks = allocate_global(spectra, config.budget, normalize=config.error_norm == "relative")
-    else:
-        ranks = allocate_uniform(spectra, config.budget)
-    report = Report(method=config.method)
-    tied: dict[str, str] = {}
-    sizes = {"bytes_before": 0, "bytes_after": 0}
+        return allocate_global(spectra, config.budget, normalize=config.error_norm == "relative")
+    return allocate_uniform(spectra, config.budget)
 
-    def compress_block(_, local, stats):
+
+def _corrected_target(w: torch.Tensor, stats: InputStats | None, name: str, kind: str, ridge: float) -> torch.Tensor:
+    """W, or when inputs of the original model are known (cross Gram C), the target that makes
+    M X ~ W X_ref: ridge least-squares W (C + lI)(G + lI)^-1."""
+    cross = stats.cross_gram(name) if stats is not None and kind == "whiten" else None
+    if cross is None:
+        return w
+    gram = stats.gram(name)
+    lam = ridge * torch.diagonal(gram).mean()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    chol = torch.linalg.cholesky(gram + lam * eye)
+    return torch.cholesky_solve((cross + lam * eye).T @ w.double().T, chol).T.to(w.dtype)
+
+
+def _factorize(module: nn.Module, w: torch.Tensor, kind: str, scale, rank: int, config: AwareConfig,
+               left: torch.Tensor | None) -> tuple[MPOLinear, str, float]:
+    """(layer, layout, relative weighted error): the rank-`rank` two-core layer, or an MPO layer of
+    no more parameters when config.layouts allows it and it does better."""
+    u, s, vt = weighted_factors(w, kind, scale, left)
+    err = float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt().clamp_min(1e-30))
+    new = _lowrank_layer(module, u, s, vt, rank, config.forward_mode)
+    if "mpo" in config.layouts and kind == "whiten" and w.shape[1] >= config.mpo_min_in_ratio * w.shape[0]:
+        cand = mpo_candidate(w, scale, new.core_params(), err, config.refine_steps, config.forward_mode, left=left)
+        if cand is not None:
+            new, err = cand
+            new.orig_type = type(module).__name__
+            if getattr(module, "bias", None) is not None:
+                new.bias = nn.Parameter(module.bias.detach().clone())
+            return new, "mpo", err
+    return new, "lowrank", err
+
+
+class _BlockCompressor:
+    """Pass 2: factorizes each layer of a block to its allocated rank; keeps the report and byte totals."""
+
+    def __init__(self, model: nn.Module, config: AwareConfig, ranks: dict[str, int | None],
+                 lefts: dict[str, torch.Tensor], partners: dict[str, list[str]]):
+        self.model, self.config, self.ranks, self.lefts, self.partners = model, config, ranks, lefts, partners
+        self.report = Report(method=config.method)
+        self.tied: dict[str, str] = {}
+        self.sizes = {"bytes_before": 0, "bytes_after": 0}
+
+    def __call__(self, _, local: list[str], stats: InputStats | None) -> bool:
+        """on_block of calibration.stream_blocks: True when the block's layers changed."""
         changed = False
         for n in local:
-            module = get_module(model, n)
-            w = weight_matrix(module).detach()
-            dense = w.numel()
-            sizes["bytes_before"] += dense * w.element_size()
-            if ranks[n] is None:
-                sizes["bytes_after"] += dense * w.element_size()
-                report.layers.append(LayerRecord(n, "dense", tuple(w.shape), dense, dense, 0.0))
-                continue
-            kind, scale = _input_scale(config, stats, n)
-            cross = stats.cross_gram(n) if stats is not None and kind == "whiten" else None
-            if cross is not None:  # fit M X ~ W X_ref: ridge least-squares target W (C + lI)(G + lI)^-1
-                gram = stats.gram(n)
-                lam = config.correct_ridge * torch.diagonal(gram).mean()
-                eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-                ridge = torch.linalg.cholesky(gram + lam * eye)
-                w = torch.cholesky_solve((cross + lam * eye).T @ w.double().T, ridge).T.to(w.dtype)
-            u, s, vt = weighted_factors(w, kind, scale, left(n))
-            r = ranks[n]
-            err = float((s[r:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt().clamp_min(1e-30))
-            new, layout = _lowrank_layer(module, u, s, vt, r, config.forward_mode), "lowrank"
-            if "mpo" in config.layouts and kind == "whiten" and w.shape[1] >= config.mpo_min_in_ratio * w.shape[0]:
-                cand = mpo_candidate(w, scale, new.core_params(), err, config.refine_steps, config.forward_mode,
-                                     left=left(n))
-                if cand is not None:
-                    (new, err), layout = cand, "mpo"
-                    new.orig_type = type(module).__name__
-                    if getattr(module, "bias", None) is not None:
-                        new.bias = nn.Parameter(module.bias.detach().clone())
-            set_module(model, n, new)
-            for other in partners.get(n, []):  # tied weights (lm_head <-> embed_tokens) share the cores
-                set_module(model, other, tie_to(new, get_module(model, other), n))
-                tied[other] = n
-            sizes["bytes_after"] += sum(c.numel() * c.element_size() for c in new.cores)  # shared cores once
-            report.layers.append(LayerRecord(n, layout, tuple(w.shape), dense, new.core_params(), err,
-                                             {"bonds": new.bonds, "out_dims": new.out_dims, "in_dims": new.in_dims,
-                                              "tied": partners.get(n, [])}))
-            changed = True
+            changed = self._layer(n, stats) or changed
         return changed
 
-    if needs_data:
+    def _layer(self, n: str, stats: InputStats | None) -> bool:
+        module = get_module(self.model, n)
+        w = weight_matrix(module).detach()
+        dense = w.numel()
+        self.sizes["bytes_before"] += dense * w.element_size()
+        if self.ranks[n] is None:
+            self.sizes["bytes_after"] += dense * w.element_size()
+            self.report.layers.append(LayerRecord(n, "dense", tuple(w.shape), dense, dense, 0.0))
+            return False
+        kind, scale = _input_scale(self.config, stats, n)
+        w = _corrected_target(w, stats, n, kind, self.config.correct_ridge)
+        new, layout, err = _factorize(module, w, kind, scale, self.ranks[n], self.config, _left(self.lefts, n))
+        set_module(self.model, n, new)
+        for other in self.partners.get(n, []):  # tied weights (lm_head <-> embed_tokens) share the cores
+            set_module(self.model, other, tie_to(new, get_module(self.model, other), n))
+            self.tied[other] = n
+        self.sizes["bytes_after"] += sum(c.numel() * c.element_size() for c in new.cores)  # shared cores once
+        self.report.layers.append(LayerRecord(n, layout, tuple(w.shape), dense, new.core_params(), err,
+                                              {"bonds": new.bonds, "out_dims": new.out_dims, "in_dims": new.in_dims,
+                                               "tied": self.partners.get(n, [])}))
+        return True
+
+    def finish(self, batches) -> Report:
+        sizes = self.sizes
+        self.report.extra.update(calibration_tokens=sum(b.numel() for b in batches) if batches else 0,
+                                 dense_layers=sum(r is None for r in self.ranks.values()),
+                                 sensitivity=self.config.sensitivity, tied=self.tied, **sizes,
+                                 bytes_ratio=sizes["bytes_after"] / sizes["bytes_before"] if sizes["bytes_before"]
+                                 else 1.0)
+        return self.report
+
+
+@register(AwareConfig)
+def aware_compress_(model: nn.Module, config: AwareConfig, tokenizer=None, calibration: Calibration | None = None, *,
+                   calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
+                   progress: bool = True) -> Report:
+    """Compress the targeted linear layers in place. calibration: text or token batches (default: the
+    offline corpus), read when config.needs_calibration; the older calibration_text= / batches= still work."""
+    calibration = as_calibration(calibration, calibration_text, batches)
+    names, partners = _aware_targets(model, config)
+    batches = (resolve_calibration(calibration, tokenizer, config.calibration_tokens, config.calibration_context,
+                                   "activation-aware compression")
+               if config.needs_calibration else None)
+    lefts = _output_factors(model, config, names, batches)
+    ranks = _allocate_ranks(model, config, names, batches, lefts, progress)
+    compress_block = _BlockCompressor(model, config, ranks, lefts, partners)
+    if batches is not None:
         _stream(model, names, batches, compress_block, progress, "compress",
                 reference=config.correct and config.scaling == "whiten")
     else:
         compress_block(None, names, None)
-    report.extra.update(calibration_tokens=sum(b.numel() for b in batches) if batches else 0,
-                        dense_layers=sum(r is None for r in ranks.values()), sensitivity=config.sensitivity,
-                        tied=tied, **sizes,
-                        bytes_ratio=sizes["bytes_after"] / sizes["bytes_before"] if sizes["bytes_before"] else 1.0)
-    return report
+    return compress_block.finish(batches)

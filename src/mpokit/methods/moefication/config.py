@@ -48,8 +48,9 @@ class MoEficationConfig(MethodConfig):
     Router (trained on calibration activations to predict each expert's share of the FFN output):
       router_hidden: hidden width of the router MLP (0 = a single linear layer).
       router_steps, router_lr, router_batch: Adam steps, learning rate, tokens per step.
-    Calibration (compress_(model, config, tokenizer=tok, calibration_text=text); default text:
-    the offline pydoc corpus): calibration_tokens tokens in windows of calibration_context.
+    Calibration (compress_(model, config, tokenizer=tok, calibration=Calibration(text=text)); the
+    older calibration_text=text still works; default text: the offline pydoc corpus):
+    calibration_tokens tokens in windows of calibration_context (a Calibration's own tokens/context win).
     """
 
     method: ClassVar[str] = "moefication"

@@ -6,6 +6,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpokit.calibration.stats import resolve_calibration
+from mpokit.data import Calibration, as_calibration
 from mpokit.layers.moe import MoEFFN
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.moefication.clustering import balanced_kmeans, neuron_features
@@ -20,16 +21,19 @@ CLUSTER_TOKENS = 4096  # calibration tokens used for activation features
 
 
 @register(MoEficationConfig)
-def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibration_text: str | None = None,
-          batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
-    """Replace every targeted FFN by a MoEFFN in place. batches: (1, L) token id tensors (optional)."""
+def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibration: Calibration | None = None, *,
+          calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
+          progress: bool = True) -> Report:
+    """Replace every targeted FFN by a MoEFFN in place. calibration: text or (1, L) token id batches
+    (default: the offline corpus); the older calibration_text= / batches= still work."""
+    calibration = as_calibration(calibration, calibration_text, batches)
     sites = find_ffns(model, config.target_modules, config.exclude_modules)
     for site in sites:
         n = read_ffn(model, site).neurons
         if n % config.num_experts:
             raise ValueError(f"expected num_experts to divide the FFN size {n} of {site.name}, got {config.num_experts}")
-    batches = resolve_calibration(batches, tokenizer, calibration_text, config.calibration_tokens,
-                                  config.calibration_context, "moefication")
+    batches = resolve_calibration(calibration, tokenizer, config.calibration_tokens, config.calibration_context,
+                                  "moefication")
     inputs = collect_ffn_inputs(model, sites, batches, progress)
     tokens = next(iter(inputs.values())).shape[0]
     report = Report(method=config.method)

@@ -17,6 +17,7 @@ from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.quant.config import QuantConfig
 from mpokit.calibration.blocks import stream_blocks
 from mpokit.calibration.stats import collect_input_stats, resolve_calibration
+from mpokit.data import Calibration, as_calibration
 from mpokit.ops.gptq import gptq_quantize, output_error
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
 from mpokit.surgery.replace import get_module, set_module, shared_outside
@@ -69,12 +70,14 @@ def _dense_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _calibration(config: QuantConfig, tokenizer, text: str | None, batches):
-    if batches is not None:
-        return batches
-    windows = resolve_calibration(None, tokenizer, text, config.calibration_tokens, config.calibration_context,
+def _calibration(config: QuantConfig, tokenizer, calibration: Calibration) -> list[torch.Tensor]:
+    """The caller's batches as they are, else windows of the text stacked into batches."""
+    windows = resolve_calibration(calibration, tokenizer, config.calibration_tokens, config.calibration_context,
                                   "algorithm='gptq'")
-    return _stack_windows(windows, max(1, STACK_TOKENS // config.calibration_context))
+    if calibration.batches is not None:
+        return windows
+    context = calibration.context if calibration.context is not None else config.calibration_context
+    return _stack_windows(windows, max(1, STACK_TOKENS // context))
 
 
 def _stack_windows(windows: list[torch.Tensor], per_batch: int) -> list[torch.Tensor]:
@@ -166,13 +169,17 @@ def check_unshared(model: nn.Module, names: list[str]) -> None:
 
 
 @register(QuantConfig)
-def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calibration_text: str | None = None,
-                   batches: list[torch.Tensor] | None = None, progress: bool = True) -> Report:
+def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calibration: Calibration | None = None, *,
+                   calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
+                   progress: bool = True) -> Report:
+    """Quantize the targets in place; algorithm='gptq' reads `calibration` (default: the offline corpus;
+    the older calibration_text= / batches= still work)."""
+    calibration = as_calibration(calibration, calibration_text, batches)
     names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
     check_unshared(model, names)
     recorder = _Recorder(model, config)
     if config.algorithm == "gptq":
-        batches = _calibration(config, tokenizer, calibration_text, batches)
+        batches = _calibration(config, tokenizer, calibration)
         _gptq_compress(model, names, config, recorder, batches, progress)
         return recorder.finish(calibration_tokens=sum(b.numel() for b in batches))
     for name in tqdm(names, desc=f"quant: int{config.bits}", disable=not progress):
