@@ -86,3 +86,18 @@ def test_loading_never_allocates_the_dense_skeleton(saved, monkeypatch):
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     ids = torch.randint(0, 100, (1, 12))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_loading_a_checkpoint_with_its_tokenizer_never_asks_for_remote_code(saved, tmp_path):
+    """The guard config.json must not make the tokenizer load prompt for trust_remote_code."""
+    from test_export_gguf import TOKENIZER
+
+    model, _ = saved
+    path = tmp_path / "with-tokenizer"
+    mpokit.save_compressed(model, path, TOKENIZER)
+    code = f"import mpokit; t = mpokit.load_model({str(path)!r}).tokenizer; print('ids', t('ab').input_ids)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert "ids [" in r.stdout
+    assert "custom code" not in r.stdout + r.stderr and "model of type `mpokit`" not in r.stdout + r.stderr

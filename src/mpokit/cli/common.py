@@ -108,3 +108,28 @@ def method_flags_given(args, kind: str) -> list[str]:
     from mpokit.methods.base import cli_options
 
     return [flag_name(k, m) for k, m in cli_options(kind).items() if getattr(args, k, None) is not None]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_runtime_flags(p) -> None:
+    """--dtype and --kernel: how a loaded model computes (eval, and later compress/export)."""
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="compute dtype of the loaded model (default float32); bfloat16 runs 4-bit and per-row "
+                        "8-bit quantized layers on torch's packed CPU kernels")
+    from mpokit.layers.quant import KERNELS
+
+    p.add_argument("--kernel", default="auto", choices=KERNELS,
+                   help="quantized layers: auto = packed kernels for bfloat16 inputs; always = also cast float32 "
+                        "inputs to bfloat16 for them; reference = dequantize and matmul in the compute dtype")
+
+
+def apply_runtime(model, args) -> dict[str, Any]:
+    """Cast the model to --dtype and set --kernel; returns what to report (dtype, layers per kernel path)."""
+    import torch
+
+    from mpokit.layers.quant import set_kernel_
+
+    model.to(getattr(torch, args.dtype))
+    return {"dtype": args.dtype, "kernel": args.kernel, "kernel_paths": set_kernel_(model, args.kernel)}

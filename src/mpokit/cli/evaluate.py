@@ -1,8 +1,8 @@
 """mpokit eval: perplexity (and sizes) of a model or checkpoint."""
 from __future__ import annotations
 
-from mpokit.cli.common import (UserError, add_method_flags, emit_json, int_at_least, method_flag_values, method_flags_given,
-                               positive_int, print_table)
+from mpokit.cli.common import (UserError, add_method_flags, add_runtime_flags, apply_runtime, emit_json, int_at_least,
+                               method_flag_values, method_flags_given, positive_int, print_table)
 
 DEFAULT_CHUNK = 64  # --chunk with --kv-cache
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
@@ -16,6 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int_at_least(2), default=512,
                    help="window length (default 512; at most the model's positions)")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    add_runtime_flags(p)
     from mpokit.methods.base import method_names
 
     p.add_argument("--kv-cache", default=None, choices=method_names("kv-cache"),
@@ -60,6 +61,7 @@ def run(args) -> int:
         kv = build_config(args.kv_cache, kind="kv-cache", **method_flag_values(args, "kv-cache"))
     corpus = load_corpus(args.text, args.dataset)  # fail on a bad path before loading the model
     loaded = load_model(args.model)
+    runtime = apply_runtime(loaded.model, args)
     check_positions(loaded.model, min(args.context, args.tokens), "--context")
     factory = None
     if args.kv_cache:
@@ -72,7 +74,7 @@ def run(args) -> int:
         raise UserError(f"expected the text to fill more than one chunk of {chunk} tokens, got {res.tokens} tokens "
                         f"from {corpus.name}: the quantized cache was never read, so no KV figure is reported")
     out = {"model": loaded.source, **res.to_dict(), "params": count_params(loaded.model),
-           "bytes": param_bytes(loaded.model), "chunk": chunk}
+           "bytes": param_bytes(loaded.model), "chunk": chunk, **runtime}
     columns = ["model", "corpus", "tokens", "context", "perplexity", "params", "bytes", "seconds"]
     if factory is not None:
         out.update(kv_cache=kv.method, kv_bits=kv.bits, kv_residual=kv.residual_length, kv_config=kv.to_dict(),

@@ -158,9 +158,9 @@ def _metadata(model: nn.Module, tokenizer, meta: dict, ckpt: Path | None, source
             return {**kv, **{k: v for k, v in built.items() if k not in kv}, **provenance_kv(methods)}, \
                 str(source), notes
     if tokenizer is None and ckpt is not None:
-        from transformers import AutoTokenizer
+        from mpokit.io.models import checkpoint_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        tokenizer = checkpoint_tokenizer(ckpt)
     if tokenizer is None:
         raise ValueError("expected a tokenizer (tokenizer=) or a GGUF file to copy one from (metadata_from=) for "
                          "GGUF metadata, got neither")

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_model", "default_gguf_path", "minilm_path", "DEFAULT_MODEL", "ENCODER_MODEL",
-           "MissingModelError"]
+__all__ = ["LoadedModel", "load_model", "checkpoint_tokenizer", "default_gguf_path", "minilm_path", "DEFAULT_MODEL",
+           "ENCODER_MODEL", "MissingModelError"]
 
 DEFAULT_MODEL = "smollm2"  # alias for the embedded decoder
 ENCODER_MODEL = "minilm"  # alias for the embedded encoder
@@ -204,6 +204,17 @@ def _check_loading_info(model: nn.Module, info: dict, task: str, spec: str) -> N
                               f"{'; '.join(problems)} weights{hint}. Refusing to fill them randomly")
 
 
+def checkpoint_tokenizer(path: str | os.PathLike, spec: str | None = None):
+    """The tokenizer saved in an mpokit checkpoint folder.
+
+    config.json there is mpokit's guard (model_type "mpokit", auto_map): a tokenizer that read it
+    would ask for trust_remote_code, so it is given an empty config instead.
+    """
+    from transformers import PretrainedConfig
+
+    return _tokenizer(path, spec or str(path), config=PretrainedConfig())
+
+
 def _tokenizer(where, spec: str, **kwargs):
     from transformers import AutoTokenizer
 
@@ -236,7 +247,7 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
         with contextlib.suppress(OSError):
             recover(path)  # an interrupted save of a checkpoint here is finished or undone first
         if is_checkpoint(path):
-            return LoadedModel(load_compressed(path), _tokenizer(path, source), source, path)
+            return LoadedModel(load_compressed(path), checkpoint_tokenizer(path, source), source, path)
         if path.is_file():
             if path.suffix != ".gguf":
                 raise CheckpointError(f"expected a model folder, an mpokit checkpoint or a .gguf file, got the file "

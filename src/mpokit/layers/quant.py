@@ -1,9 +1,16 @@
 """QuantLinear: a Linear whose weight is stored as packed low-bit codes + 16-bit group scales.
 
 Storage is real: `packed` holds ceil(out * in * bits / 8) bytes, `scale` (and `offset` when
-asymmetric) one float16 per group of `group_size` input columns per output row. The forward
-unpacks and dequantizes the weight on every call (nothing dense is kept unless
-`cache_weight=True` is asked for, which trades memory for speed in generation loops).
+asymmetric) one float16 per group of `group_size` input columns per output row.
+
+Forward paths (`kernel_path()` says which a layer can take): on the CPU, outside autograd, layers
+of <= 4 bits whose groups are a multiple of 32 run torch's packed int4 kernel, and 8-bit layers
+with one group per row its int8 kernel (ops/quant_kernels.py; the kernel's copy of the codes is
+built on the first call and costs 0.5 or 1 byte per weight). The kernels compute in bfloat16, so
+`kernel="auto"` (default) uses them for bfloat16 inputs only and float32 models keep their exact
+numerics; `kernel="always"` also casts float32 inputs to bfloat16 for them (fast decode, bfloat16
+rounding). The reference path, and every layer with `kernel="reference"`, dequantizes the weight
+on each call (or once, with `cache_weight=True`, which trades memory for speed) and runs F.linear.
 """
 from __future__ import annotations
 
@@ -16,9 +23,12 @@ from torch import nn
 
 from mpokit.layers.base import MpokitLayer, as_replaced
 from mpokit.layers.cast import CastOverflowError, cast_dtype, check_cast, narrower
+from mpokit.ops import quant_kernels as kernels
 from mpokit.ops.quant import SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
 
-__all__ = ["QuantLinear", "QuantizedTensor"]
+__all__ = ["QuantLinear", "QuantizedTensor", "KERNELS", "set_kernel_", "kernel_paths"]
+
+KERNELS = ("auto", "always", "reference")  # auto: the packed kernel for bfloat16 inputs where the grid allows
 
 
 class QuantizedTensor(nn.Module):
@@ -122,7 +132,9 @@ class QuantLinear(MpokitLayer, nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.compute_dtype = dtype or torch.get_default_dtype()
         self.cache_weight = cache_weight
+        self.kernel = "auto"
         self._cached: tuple[tuple, torch.Tensor] | None = None
+        self._packed_for_kernel: tuple[tuple, tuple] | None = None
 
     @property
     def bits(self) -> int:
@@ -178,11 +190,44 @@ class QuantLinear(MpokitLayer, nn.Module):
             return self._cached[1]
         return self.qweight.dequantize(self.compute_dtype)
 
+    def kernel_path(self) -> str:
+        """"int4", "int8" or "reference": the path a CPU forward outside autograd takes."""
+        q = self.qweight
+        if self.kernel == "reference" or q.packed.device.type != "cpu" or not kernels.kernels_available():
+            return "reference"
+        if kernels.int4_group(q.bits, q.group_size, q.cols):
+            return "int4"
+        if q.bits == 8 and q.group_size >= q.cols:
+            return "int8"
+        return "reference"
+
+    def _kernel_weights(self, path: str) -> tuple:
+        """The kernel's copy of the codes, built once per change of the packed codes."""
+        q = self.qweight
+        key = (path, id(q.packed), q.packed._version, q.scale._version)
+        if self._packed_for_kernel is None or self._packed_for_kernel[0] != key:
+            codes = unpack_bits(q.packed, q.bits, q.rows * q.cols).reshape(q.rows, q.cols)
+            if path == "int4":
+                group = kernels.int4_group(q.bits, q.group_size, q.cols)
+                packed, scales_and_zeros = kernels.int4_pack(codes, q.scale, q.offset, q.bits, q.group_size, group)
+                weights = (packed, group, scales_and_zeros)
+            else:
+                weights = kernels.int8_pack(codes, q.scale, q.offset)
+            self._packed_for_kernel = (key, weights)
+        return self._packed_for_kernel[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
-        w = self.weight
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        path = self.kernel_path()
+        wanted = x.dtype == kernels.KERNEL_DTYPE or (self.kernel == "always" and x.is_floating_point())
+        autograd = torch.is_grad_enabled() and x.requires_grad  # the kernels have no backward
+        if path != "reference" and wanted and x.device.type == "cpu" and not autograd:
+            mm = kernels.int4_mm if path == "int4" else kernels.int8_mm
+            y = mm(x, *self._kernel_weights(path))
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weight (the quantization error stays)."""
@@ -204,7 +249,7 @@ class QuantLinear(MpokitLayer, nn.Module):
         return self.qweight.storage_bytes() + bias
 
     def _apply(self, fn, recurse=True):
-        self._cached = None
+        self._cached = self._packed_for_kernel = None
         source = self.compute_dtype
         out = super()._apply(fn, recurse)
         if self.bias is not None:
@@ -231,3 +276,23 @@ class QuantLinear(MpokitLayer, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
+
+
+def set_kernel_(model: nn.Module, kernel: str) -> dict[str, int]:
+    """Set every QuantLinear's kernel choice (KERNELS); returns {path: layers} it allows."""
+    if kernel not in KERNELS:
+        raise ValueError(f"expected kernel in {KERNELS}, got {kernel!r}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel
+            m._packed_for_kernel = None
+    return kernel_paths(model)
+
+
+def kernel_paths(model: nn.Module) -> dict[str, int]:
+    """How many QuantLinear layers take each forward path (int4, int8, reference)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.kernel_path()] = counts.get(m.kernel_path(), 0) + 1
+    return counts
