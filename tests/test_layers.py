@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear, make_layout
@@ -100,10 +101,22 @@ def test_auto_path_follows_flop_estimate():
     assert big.choose_path(512) == "contract"
     # low rank at half the parameters (rank 209) contracts as two GEMMs at ~half the dense cost
     half = MPOLinear(576, 1536, [1536, 1], [1, 576], [209])
-    most = MPOLinear(576, 1536, [1536, 1], [1, 576], [380])  # ~90% of the parameters: dense wins
+    most = MPOLinear(576, 1536, [1536, 1], [1, 576], [380])  # ~90% of the parameters
     assert half.is_lowrank and not big.is_lowrank
+    with torch.no_grad():  # inference: fewer FLOPs and bytes than dense, so contract (no cached dense weight)
+        assert half.choose_path(512) == "contract" and most.choose_path(512) == "contract"
+    full = MPOLinear(576, 1536, [1536, 1], [1, 576], [420])  # more parameters than dense: never contract
     with torch.no_grad():
-        assert half.choose_path(512) == "contract" and most.choose_path(512) == "dense"
+        assert full.choose_path(1) == "dense"
+
+
+def test_low_rank_inference_runs_two_gemms_without_a_dense_copy():
+    layer = MPOLinear(576, 1536, [1536, 1], [1, 576], [380], bias=True)
+    x = torch.randn(2, 5, 576)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._cache is None  # no rebuilt (1536, 576) weight kept
+    assert torch.allclose(y, F.linear(x, layer.full_weight().detach(), layer.bias), atol=1e-4, rtol=1e-4)
 
 
 def test_central_and_auxiliary_cores():

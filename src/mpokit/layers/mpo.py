@@ -29,7 +29,9 @@ __all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "make_layout", "FORWARD_MOD
 FORWARD_MODES = ("auto", "contract", "dense")
 # Contraction runs several small matmuls with permutes between them; charge it extra.
 CONTRACT_OVERHEAD = 2.0
-# The low-rank layout contracts as two plain GEMMs (x @ V.T @ U.T): measured ~1.1-1.5x its FLOP share.
+# The low-rank layout contracts as two plain GEMMs (x @ V.T @ U.T): measured ~1.1-1.5x its FLOP share
+# when training. Outside autograd it contracts whenever it has fewer FLOPs: the dense path would cache
+# a rebuilt weight (more memory than the dense model) and decoding is bound by the bytes it reads.
 LOWRANK_OVERHEAD = 1.25
 
 
@@ -251,7 +253,7 @@ class MPOLinear(MPOModule):
         dense = dense_flops(batch, self.out_features, self.in_features)
         if self._needs_grad():
             dense += reconstruct_flops(shapes)
-        overhead = LOWRANK_OVERHEAD if self.is_lowrank else CONTRACT_OVERHEAD
+        overhead = (1.0 if not self._needs_grad() else LOWRANK_OVERHEAD) if self.is_lowrank else CONTRACT_OVERHEAD
         return "contract" if overhead * contract_flops(batch, shapes) < dense else "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,7 +261,10 @@ class MPOLinear(MPOModule):
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.choose_path(x2.shape[0]) == "contract":
+        if self.choose_path(x2.shape[0]) == "contract" and self.is_lowrank:  # two GEMMs on views of the cores
+            u, v = self.cores[0].reshape(self.out_dims[0], -1), self.cores[1].reshape(-1, self.in_dims[1])
+            y = F.linear(F.linear(x2, v[:, : self.in_features]), u[: self.out_features], self.bias)
+        elif self.choose_path(x2.shape[0]) == "contract":
             cols = math.prod(self.in_dims)
             xp = F.pad(x2, (0, cols - self.in_features)) if cols != self.in_features else x2
             y = tt_apply(xp, list(self.cores))[:, : self.out_features]
