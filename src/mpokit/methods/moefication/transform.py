@@ -45,8 +45,10 @@ def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrat
             with torch.no_grad():
                 hidden = dense.hidden_states(x[:CLUSTER_TOKENS].to(dense.up.device, dense.up.dtype))
         labels = assign_experts(dense, hidden, config, seed=config.seed + i)
-        moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode,
-                                config.shared_experts)
+        with torch.random.fork_rng(devices=[]):  # the router's initial weights: from the seed, not the global RNG
+            torch.manual_seed(config.seed + i)
+            moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode,
+                                    config.shared_experts)
         quality = fit_router(moe, x, config.router_steps, config.router_lr, config.router_batch, seed=config.seed + i)
         if config.refit:
             quality.update(refit_output_(moe, x, config.refit_ridge))
