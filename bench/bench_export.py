@@ -14,6 +14,15 @@ group 32 lands on another grid (its perplexity rises); groups 64 and 128 are the
     python bench/bench_export.py --threads 2            # every variant, ~15 min on a loaded 2-core CPU
     python bench/bench_export.py --variants int4-g128 --tokens 512
 Writes results/bench_export.json.
+
+--format compressed-tensors exports each variant once with `export_compressed_tensors` (what
+`mpokit export CKPT --format compressed-tensors --out DIR` does) and loads the folder with plain
+`AutoModelForCausalLM.from_pretrained(DIR)`; load_s includes the first one-token forward, which is
+where transformers decompresses models it loaded compressed. mpokit's perplexity is measured on its
+reference path (float32 dequantize + F.linear), the values the folder is checked against.
+
+    python bench/bench_export.py --format compressed-tensors --variants int4-g64 int4-g128 int8-g128 \
+        int8-g128-sym gptq-int4-g128 --threads 1       # ~10 min; writes results/bench_export_ct.json
 """
 from __future__ import annotations
 
@@ -47,6 +56,8 @@ VARIANTS = {
 }
 COLUMNS = ["variant", "export", "types", "exact", "ppl_mpokit", "ppl_gguf", "ppl_diff_pct", "max_abs_diff",
            "ckpt_mb", "gguf_mb", "export_s", "load_s", "note"]
+CT_COLUMNS = ["variant", "groups", "exact", "ppl_mpokit", "ppl_ct", "ppl_diff_pct", "max_abs_diff", "ckpt_mb",
+              "ct_mb", "export_s", "load_s"]
 
 
 def _ppl(model, tok, text: str, args) -> float:
@@ -84,13 +95,12 @@ def baseline_row(loaded, text: str, args) -> dict:
             "load_s": load_s, "note": "float32 model dequantized from the shipped Q4_1 file, and that file"}
 
 
-def variant_rows(name: str, loaded, text: str, work: Path, args) -> list[dict]:
+def _checkpoint(name: str, loaded, work: Path):
+    """Quantize a copy of the default model as `name` says, save it, load it back: (ckpt, model)."""
     from mpokit import QuantConfig, compress_, load_compressed, save_compressed
-    from mpokit.export import GGUFOptions, export_gguf
 
-    kwargs, exports, note = VARIANTS[name]
     model = copy.deepcopy(loaded.model)
-    config = QuantConfig(**kwargs)
+    config = QuantConfig(**VARIANTS[name][0])
     calibration = {}
     if config.algorithm == "gptq":  # same layer type as RTN; calibrated on valid, evaluated on test
         calibration = {"tokenizer": loaded.tokenizer,
@@ -99,7 +109,14 @@ def variant_rows(name: str, loaded, text: str, work: Path, args) -> list[dict]:
     ckpt = work / name
     save_compressed(model, ckpt, loaded.tokenizer, extra={"source": loaded.source})  # as `mpokit compress` records it
     del model
-    mem = load_compressed(ckpt)
+    return ckpt, load_compressed(ckpt)
+
+
+def variant_rows(name: str, loaded, text: str, work: Path, args) -> list[dict]:
+    from mpokit.export import GGUFOptions, export_gguf
+
+    kwargs, exports, note = VARIANTS[name]
+    ckpt, mem = _checkpoint(name, loaded, work)
     ppl_mem = _ppl(mem, loaded.tokenizer, text, args)
     rows = []
     for i, options in enumerate(exports):
@@ -130,11 +147,53 @@ def variant_rows(name: str, loaded, text: str, work: Path, args) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def _load_ct(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long))  # decompresses a model loaded compressed
+    return model, time.perf_counter() - start
+
+
+def ct_variant_rows(name: str, loaded, text: str, work: Path, args) -> list[dict]:
+    from mpokit.export import export_compressed_tensors
+    from mpokit.layers.quant import set_kernel_
+
+    kwargs = VARIANTS[name][0]  # (its note is about GGUF)
+    ckpt, mem = _checkpoint(name, loaded, work)
+    set_kernel_(mem, "reference")  # the values the folder holds, not the packed kernels' bfloat16 products
+    ppl_mem = _ppl(mem, loaded.tokenizer, text, args)
+    del mem
+    out = work / f"{name}-ct"
+    start = time.perf_counter()
+    report = export_compressed_tensors(ckpt, out)
+    export_s = time.perf_counter() - start
+    model, load_s = _load_ct(out)
+    ppl_ct = _ppl(model, loaded.tokenizer, text, args)
+    del model
+    gc.collect()
+    quant_rows = [t for t in report["tensors"] if t["type"].startswith("int")]
+    groups = "; ".join(f"int{g['bits']} g{g['group_size']} {'sym' if g['symmetric'] else 'asym'} x{g['layers']}"
+                       for g in report["config_groups"].values())
+    print(f"{name} compressed-tensors: mpokit {ppl_mem:.4f}, exported {ppl_ct:.4f}", flush=True)
+    shutil.rmtree(out)
+    return [{"variant": name, "types": _types(report), "groups": groups,
+             "exact": f"{sum(t['exact'] for t in report['tensors'])}/{len(report['tensors'])}",
+             "ppl_mpokit": ppl_mem, "ppl_ct": ppl_ct, "ppl_diff_pct": 100 * (ppl_ct / ppl_mem - 1),
+             "max_abs_diff": max(t["max_abs_diff"] for t in report["tensors"]),
+             "quant_layers": len(quant_rows), "ckpt_mb": (ckpt / "model.safetensors").stat().st_size / 2**20,
+             "ct_mb": report["bytes"] / 2**20, "export_s": export_s, "load_s": load_s, "notes": report["notes"],
+             "config": kwargs}]
+
+
+def markdown(rows: list[dict], columns: list[str] = COLUMNS) -> str:
     from mpokit.eval.table import fmt
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -150,24 +209,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-baseline", action="store_true", help="skip the dense model / source file row")
-    p.add_argument("--out", default=str(RESULTS / "bench_export.json"))
+    p.add_argument("--no-baseline", action="store_true", help="skip the dense model / source file row (gguf)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors"])
+    p.add_argument("--out", default=None,
+                   help="default: results/bench_export.json (gguf), results/bench_export_ct.json (compressed-tensors)")
     args = p.parse_args(argv)
+    ct = args.format == "compressed-tensors"
+    args.out = args.out or str(RESULTS / ("bench_export_ct.json" if ct else "bench_export.json"))
     torch.set_num_threads(args.threads)
     text = (DATA / "wikitext-2" / "test.txt").read_text()
     loaded = load_model(None)
-    rows = [] if args.no_baseline else [baseline_row(loaded, text, args)]
+    rows = [] if args.no_baseline or ct else [baseline_row(loaded, text, args)]
     work = Path(tempfile.mkdtemp(prefix="mpokit-bench-export-"))
     try:
         for name in args.variants:
-            rows += variant_rows(name, loaded, text, work, args)
+            rows += (ct_variant_rows if ct else variant_rows)(name, loaded, text, work, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     title = f"{loaded.source}: WikiText-2 test, first {args.tokens} tokens, windows of {args.context}"
-    print_table(rows, COLUMNS, title=title)
-    print(markdown(rows))
+    columns = CT_COLUMNS if ct else COLUMNS
+    print_table(rows, columns, title=title)
+    print(markdown(rows, columns))
+    extra = {}
+    if ct:
+        import compressed_tensors
+        import transformers
+
+        extra = {"format": args.format, "compressed_tensors": compressed_tensors.__version__,
+                 "transformers": transformers.__version__, "ppl_mpokit_path": "reference (float32 dequantize)"}
     write_json(args.out, {"model": loaded.source, "corpus": "WikiText-2 test", "tokens": args.tokens,
-                          "context": args.context, "threads": args.threads, "rows": rows})
+                          "context": args.context, "threads": args.threads, **extra, "rows": rows})
     print(f"wrote {args.out}")
     return 0
 

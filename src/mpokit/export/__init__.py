@@ -1,10 +1,12 @@
-"""Export mpokit models to other runtimes' formats. GGUF (llama.cpp, transformers `gguf_file=`) for now.
+"""Export mpokit models to other runtimes' formats: GGUF (llama.cpp, transformers `gguf_file=`) and
+compressed-tensors Hugging Face folders (plain transformers with the compressed-tensors package).
 
 FORMATS maps a format name to its exporter `(model_or_dir, out_path, options, **kw) -> report dict`;
 adding a format adds one module here and one entry.
 """
+from mpokit.export.compressed_tensors import CTOptions, export_compressed_tensors
 from mpokit.export.gguf import GGUFOptions, export_gguf
 
-FORMATS = {"gguf": export_gguf}
+FORMATS = {"gguf": export_gguf, "compressed-tensors": export_compressed_tensors}
 
-__all__ = ["FORMATS", "GGUFOptions", "export_gguf"]
+__all__ = ["FORMATS", "GGUFOptions", "export_gguf", "CTOptions", "export_compressed_tensors"]
