@@ -1,18 +1,30 @@
-"""Recovery after compression: default model compressed to a budget, short CPU tuning, perplexity before/after.
+"""Recovery after compression, in and out of domain: each recipe for the same minutes, with a dense control.
 
-One process measures, on WikiText-2 test (first --tokens tokens, windows of --context): the dense model,
-the compressed checkpoint before tuning, and each tuning recipe after tuning on WikiText-2 *valid*
-(train and test never overlap). Ratios are against the dense perplexity of the same run.
-The compressed checkpoint is made once (`mpokit compress --method whitened-svd ...`) and reused.
-Recipes (--recipes, comma list): recover = every MPO core trains; mpop = auxiliary cores only;
-lora = PEFT LoRA on the frozen MPO layers. Each stops at --minutes of wall clock (hard limit) and its
-cosine schedule spans --max-steps (pick max_steps so the schedule ends within the minutes).
-Results: results/bench_recovery.json. Usage (the run in docs/benchmarks/finetune.md):
-  python bench/bench_recovery.py --compressed /tmp/rec/wsvd-0.8 --recipes recover --max-steps 48 --minutes 15
+One process measures the dense model, the compressed checkpoint as it is, and each recipe after --minutes
+of wall-clock tuning on --data (default WikiText-2 *valid*; `mix` = WikiText-2 valid + Python docs + SST-2
+sentences). Every row is scored on two texts: WikiText-2 *test* (in domain for the default --data) and an
+out-of-domain English text, the offline Python-docs corpus (pydoc_data.topics, its first half, which the
+`mix` never holds); first --tokens tokens of each, windows of --context. Ratios are against dense, same run.
+The checkpoint is made once if missing (`mpokit compress --budget B --calibration WikiText-2 valid`,
+mpokit's default method: the README main job's checkpoint) and reused.
+
+Recipes (--recipes, comma list; each stops at --minutes, its cosine schedule spans --max-steps):
+  recover-lm       every MPO core, LM loss on --data (`recover` before issue 18)
+  recover-kd       every MPO core, distillation from the dense model (today's default `recover`)
+  recover-kd-lora  LoRA rank 16 on the frozen MPO layers, distillation, merged into the cores at the end
+  recover-kd-aux   auxiliary cores only, distillation (not in the default list)
+  mpop             auxiliary cores only, LM loss (MPOP, ACL 2021)
+  dense-lm         control: the dense model, every weight, LM loss on --data, same lr and minutes as recover-lm
+The long run (about 6 x 15 CPU minutes of training plus evaluation):
+  python bench/bench_recovery.py --compressed out/smollm2-0.8 --minutes 15
+A smoke run (minutes on 2 CPU cores; never into results/):
+  python bench/bench_recovery.py --compressed /tmp/rec/mpo-0.8 --calibration-tokens 512 --minutes 0.5 \\
+      --max-steps 2 --tokens 1024 --context 256 --seq-len 64 --batch-size 2 --out /tmp/bench_recovery_smoke.json
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,79 +33,130 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-LR = {"recover": 1e-4, "mpop": 3e-4, "lora": 1e-3}  # recover: 1e-4 beat 3e-4 in a 12-step probe
+DEFAULT_RECIPES = "recover-lm,recover-kd,recover-kd-lora,mpop,dense-lm"
+# recipe -> (tuned model: compressed or dense, method, config options, lr). recover's 1e-4 came from a 12-step
+# LM-loss probe (docs/benchmarks/finetune.md); the distillation and LoRA rates are not tuned.
+RECIPES = {
+    "recover-lm": ("compressed", "recover", {"loss": "lm"}, 1e-4),
+    "recover-kd": ("compressed", "recover", {}, 1e-4),
+    "recover-kd-lora": ("compressed", "recover", {"trainable": "lora", "rank": 16}, 1e-3),
+    "recover-kd-aux": ("compressed", "recover", {"trainable": "aux"}, 3e-4),
+    "mpop": ("compressed", "mpop", {}, 3e-4),
+    "dense-lm": ("dense", "full", {}, 1e-4),
+}
 
 
-def _perplexity(spec, text: str, tokens: int, context: int) -> float:
-    from mpokit.eval.perplexity import perplexity
+def _texts():
+    from mpokit.data.corpus import pydoc_first_half
+    from mpokit.train.data import shared_data_dir
+
+    test = shared_data_dir() / "wikitext-2" / "test.txt"
+    ood = pydoc_first_half()
+    return {"wikitext": (test.read_text(encoding="utf-8"), f"WikiText-2 test ({test})"), "ood": (ood.text, ood.name)}
+
+
+def _score(spec, texts, args) -> dict:
+    """Both perplexities of a model as it is (no tuning)."""
     from mpokit.io.models import load_model
+    from mpokit.train.evaluate import perplexity_entry
 
     loaded = load_model(spec)
-    return perplexity(loaded.model, loaded.tokenizer, text, tokens=tokens, context=context, progress=False).perplexity
+    return {k: perplexity_entry(loaded.model, loaded.tokenizer, text, name, args.tokens, args.context)["perplexity"]
+            for k, (text, name) in texts.items()}
 
 
-def main(argv=None) -> int:
+def _compress_if_missing(ckpt: Path, args) -> None:
+    if ckpt.exists():
+        return
+    from mpokit.train.data import shared_data_dir
+
+    cmd = [sys.executable, "-m", "mpokit", "compress", "--budget", str(args.budget), "--calibration",
+           str(shared_data_dir() / "wikitext-2" / "valid.txt"), "--out", str(ckpt)]
+    if args.method:
+        cmd += ["--method", args.method]
+    if args.calibration_tokens:
+        cmd += ["--calibration-tokens", str(args.calibration_tokens)]
+    subprocess.run(cmd, check=True)  # the CLI as a tool, not imported
+
+
+def _tune(recipe: str, ckpt: Path, texts, args) -> dict:
+    from mpokit.methods.presets import build_config
+    from mpokit.train.data import shared_data_dir
+    from mpokit.train.recipes import FinetuneOptions, finetune
+
+    which, method, options, lr = RECIPES[recipe]
+    data = args.data if args.data == "mix" else str(Path(args.data or shared_data_dir() / "wikitext-2" / "valid.txt"))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = finetune(FinetuneOptions(
+            model=str(ckpt) if which == "compressed" else None, method=build_config(method, "finetune", **options),
+            task="lm", data=data, eval_data=str(shared_data_dir() / "wikitext-2" / "test.txt"), out=tmp,
+            max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len,
+            lr=args.lr or lr, scheduler="cosine", warmup_steps=args.warmup_steps, eval_tokens=args.tokens,
+            context=args.context, max_minutes=args.minutes))
+        wall = time.perf_counter() - t0
+    if r["ood"]["text"] != texts["ood"][1]:
+        raise RuntimeError(f"expected finetune's out-of-domain text to be {texts['ood'][1]}, got {r['ood']['text']}")
+    return {"recipe": recipe, "wikitext": r["perplexity"], "ood": r["ood"]["perplexity"], "lr": r["lr"],
+            "global_step": r["global_step"], "stopped_by_time": r["stopped_by_time"], "tokens_seen": r["tokens_seen"],
+            "train_minutes": r["train_seconds"] / 60, "wall_seconds": wall, "trainable_params": r["trainable_params"],
+            "params": r["params"], "teacher": r.get("teacher"), "train_loss": r["train_loss"], "config": r["config"],
+            "data": data}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressed", default="/tmp/rec/wsvd-0.8", help="compressed checkpoint (made if missing)")
-    p.add_argument("--method", default="whitened-svd", help="compression preset when the checkpoint is missing")
+    p.add_argument("--compressed", default="/tmp/rec/mpo-0.8", help="compressed checkpoint (made if missing)")
+    p.add_argument("--method", default=None, help="compression method when the checkpoint is missing (default: "
+                                                  "mpokit compress's default)")
     p.add_argument("--budget", type=float, default=0.8)
-    p.add_argument("--recipes", default="recover")
-    p.add_argument("--max-steps", type=int, default=48)
+    p.add_argument("--calibration-tokens", type=int, default=None, help="when compressing (default: compress's)")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma list of {sorted(RECIPES)}")
+    p.add_argument("--data", default=None, help="tuning text: a file or 'mix' (default: WikiText-2 valid)")
+    p.add_argument("--max-steps", type=int, default=48, help="the cosine schedule's length")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock training limit per recipe")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="override the per-recipe learning rate")
+    p.add_argument("--lr", type=float, default=None, help="override every recipe's learning rate")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--dense-ppl", type=float, default=None, help="skip measuring dense (reuse a value)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "results" / "bench_recovery.json"))
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    return p
 
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; expected some of {sorted(RECIPES)}")
+    torch.set_num_threads(args.threads)
     from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
-    from mpokit.train.data import shared_data_dir
-    from mpokit.methods.presets import build_config
-    from mpokit.train.recipes import FinetuneOptions, finetune
 
-    wt = shared_data_dir() / "wikitext-2"
-    test = (wt / "test.txt").read_text(encoding="utf-8")
+    texts = _texts()
     ckpt = Path(args.compressed)
-    if not ckpt.exists():
-        import subprocess  # the CLI as a tool, not imported
-
-        subprocess.run([sys.executable, "-m", "mpokit", "compress", "--method", args.method, "--budget",
-                        str(args.budget), "--calibration", str(wt / "valid.txt"), "--calibration-tokens", "4096",
-                        "--out", str(ckpt)], check=True)
-    dense = args.dense_ppl if args.dense_ppl else _perplexity(None, test, args.tokens, args.context)
-    before = _perplexity(str(ckpt), test, args.tokens, args.context)
-    settings = {k: getattr(args, k) for k in ("budget", "method", "max_steps", "minutes", "batch_size", "grad_accum",
-                                              "seq_len", "warmup_steps", "tokens", "context", "threads")}
-    base = {"recipe": "none (compressed)", "perplexity": before, "ratio_to_dense": before / dense}
-    rows = [{"recipe": "dense", "perplexity": dense, "ratio_to_dense": 1.0}, base]
-    for recipe in args.recipes.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            method = build_config(recipe, "finetune", **({"rank": 16} if recipe == "lora" else {}))
-            r = finetune(FinetuneOptions(
-                model=str(ckpt), method=method, task="lm", data=str(wt / "valid.txt"), eval_data=str(wt / "test.txt"),
-                out=tmp, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                seq_len=args.seq_len, lr=args.lr or LR[recipe], scheduler="cosine", warmup_steps=args.warmup_steps,
-                eval_tokens=args.tokens, context=args.context, max_minutes=args.minutes))
-            r["wall_seconds"] = time.perf_counter() - t0
-        r.pop("saved", None)
-        r.update(recipe=recipe, ratio_to_dense=r["perplexity"] / dense, train_minutes=r["train_seconds"] / 60,
-                 target_met=r["perplexity"] <= 1.25 * dense)
-        rows.append(r)
-        print_table(rows, ["recipe", "perplexity", "ratio_to_dense", "global_step", "tokens_seen", "train_minutes",
-                           "trainable_params", "lr"],
-                    title=f"WikiText-2 test ({args.tokens} tokens, ctx {args.context}); budget {args.budget}; "
-                          f"tuned on WikiText-2 valid; target <= 1.25x dense")
-        write_json(args.out, {"settings": settings, "compressed": str(ckpt), "dense_perplexity": dense,
-                              "target": "<= 1.25x dense", "rows": rows})  # after each recipe: partial runs survive
+    _compress_if_missing(ckpt, args)
+    dense = {"recipe": "dense", **_score(None, texts, args)}
+    rows = [dense, {"recipe": "none (compressed)", **_score(str(ckpt), texts, args)}]
+    settings = {k: getattr(args, k) for k in ("budget", "method", "data", "max_steps", "minutes", "batch_size",
+                                              "grad_accum", "seq_len", "warmup_steps", "tokens", "context", "threads")}
+    for recipe in [None, *recipes]:  # None: the two untuned rows, written before any tuning
+        if recipe is not None:
+            rows.append(_tune(recipe, ckpt, texts, args))
+        for row in rows:
+            row["wikitext_x_dense"] = row["wikitext"] / dense["wikitext"]
+            row["ood_x_dense"] = row["ood"] / dense["ood"]
+        print_table(rows, ["recipe", "wikitext", "wikitext_x_dense", "ood", "ood_x_dense", "global_step",
+                           "tokens_seen", "train_minutes", "trainable_params", "lr"],
+                    title=f"perplexity: WikiText-2 test and {texts['ood'][1]} ({args.tokens} tokens, ctx "
+                          f"{args.context}); budget {args.budget}; tuned on {args.data or 'WikiText-2 valid'} for "
+                          f"<= {args.minutes} min each")
+        write_json(args.out, {"settings": settings, "compressed": str(ckpt), "texts": {k: v[1] for k, v in texts.items()},
+                              "dense": dense, "rows": rows})  # after each recipe: partial runs survive
     return 0
 
 

@@ -215,7 +215,8 @@ def test_cli_finetune_recover_compressed_checkpoint(tmp_path):
 
     loaded = load_model(str(_tiny_folder(tmp_path, "llama")))
     compress_(loaded.model, MPOConfig(target_modules=["up_proj", "down_proj"], budget=0.5), progress=False)
-    ckpt = save_compressed(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer)
+    # the source recorded as mpokit compress does: recover distils from it by default
+    ckpt = save_compressed(loaded.model, tmp_path / "ckpt", tokenizer=loaded.tokenizer, extra={"source": loaded.source})
     text = tmp_path / "t.txt"
     text.write_text((shared_data_dir() / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:20000])
     rc = main(["finetune", str(ckpt), "--method", "recover", "--task", "lm", "--data", str(text), "--max-steps", "2",

@@ -13,12 +13,14 @@ def add_arguments(p) -> None:
 
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder, alias (smollm2, minilm) or hub id")
     p.add_argument("--method", required=True, choices=method_names("finetune"),
-                   help="mpop: auxiliary cores only; recover: all MPO cores of a compressed model; opf: expand "
+                   help="mpop: auxiliary cores only; recover: a compressed model learns back from the uncompressed "
+                        "one (distillation; --recover-loss lm: plain LM loss on --data); opf: expand "
                         "selected weights to long MPOs, train, contract back; opdf: opf + distillation from "
                         "--teacher; lora: PEFT LoRA (on the MPO layers of a compressed model); full: every "
                         "parameter; kd: every parameter, loss mixes labels and --teacher logits")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help="lm: training text file; sst2: folder with train.tsv/dev.tsv")
+    p.add_argument("--data", required=True, help="lm: training text file, or 'mix' (WikiText-2 valid, Python docs and "
+                                                 "SST-2 sentences, interleaved); sst2: folder with train.tsv/dev.tsv")
     p.add_argument("--max-steps", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="output folder (Trainer checkpoints + model/)")
     p.add_argument("--json", default=None, help="write results as JSON here")
@@ -27,7 +29,13 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int_at_least(2), default=128, help="lm window / sst2 max tokens (default 128)")
     p.add_argument("--train-limit", type=positive_int, default=None,
                    help="use only the first N rows/windows for training")
-    p.add_argument("--eval-data", default=None, help="lm: text for perplexity (default --data); sst2: tsv")
+    p.add_argument("--eval-data", default=None,
+                   help="lm: text for perplexity (default: the held-out tail of --data, never trained on); sst2: tsv "
+                        "(default: dev.tsv beside train.tsv)")
+    p.add_argument("--held-out", type=positive_float, default=0.1,
+                   help="lm without --eval-data: fraction of --data (its tail) held out for evaluation (default 0.1)")
+    p.add_argument("--ood-data", default=None,
+                   help="lm: out-of-domain text also scored (default: the offline pydoc corpus, first half)")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="sst2: first N evaluation rows")
     p.add_argument("--tokens", type=int_at_least(2), default=8192, help="lm: perplexity tokens (default 8192)")
     p.add_argument("--context", type=int_at_least(2), default=512, help="lm: perplexity window (default 512)")
@@ -57,13 +65,18 @@ def run(args) -> int:
     opts = FinetuneOptions(
         model=args.model, method=method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
         batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, train_limit=args.train_limit,
-        eval_data=args.eval_data, eval_tokens=args.tokens, context=args.context, eval_limit=args.eval_limit,
+        eval_data=args.eval_data, held_out=args.held_out, ood_data=args.ood_data, eval_tokens=args.tokens,
+        context=args.context, eval_limit=args.eval_limit,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         resume=args.resume_from or args.resume, scheduler=args.scheduler, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes)
     out = finetune(opts)
-    metric = "accuracy" if args.task == "sst2" else "perplexity"
-    print_table([out], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", metric,
+    metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", "ood_perplexity"]
+    row = {**out, "ood_perplexity": out["ood"]["perplexity"] if out.get("ood") else None}
+    print_table([row], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", *metrics,
                         "train_seconds", "seconds"])
+    print(out["eval"]["note"])
+    if out.get("ood"):
+        print(f"ood_perplexity: on {out['ood']['text']}, {out['ood']['note']}")
     emit_json(args.json, out)
     return 0

@@ -51,6 +51,14 @@ class Calibration:
         corpus = load_corpus(str(path) if path is not None else None)
         return cls(text=corpus.text, tokens=tokens, context=context, name=corpus.name)
 
+    @classmethod
+    def mix(cls, tokens: int | None = None, context: int | None = None) -> "Calibration":
+        """The built-in offline mix (WikiText-2 valid, Python docs, SST-2 sentences; see mpokit.data.corpus.mix_corpus).
+
+        Not the default of any method: compression keeps the offline pydoc corpus unless told otherwise."""
+        corpus = load_corpus("mix")
+        return cls(text=corpus.text, tokens=tokens, context=context, name=corpus.name)
+
 
 def as_calibration(calibration: Calibration | None = None, calibration_text: str | None = None,
                    batches: list[torch.Tensor] | None = None) -> Calibration:

@@ -1,4 +1,4 @@
-"""Text corpora: a file, a Hugging Face dataset, or the offline default; and their token ids.
+"""Text corpora: a file, a Hugging Face dataset, the offline default, the built-in mix; and their token ids.
 
 Every calibrated method and every perplexity figure reads its text here, so the default
 corpus and the tokenization rule are chosen in one place.
@@ -6,11 +6,17 @@ corpus and the tokenization rule are chosen in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-__all__ = ["Corpus", "load_corpus", "tokenize_prefix"]
+__all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "MIX", "MIX_CHUNK",
+           "PYDOC_NAME"]
+
+MIX = "mix"  # the name load_corpus / --data / --calibration give the built-in mix
+MIX_CHUNK = 1024  # characters per chunk of the mix: about one 256-token training window
+PYDOC_NAME = "pydoc_data.topics (offline default, ships with Python)"
 
 
 @dataclass
@@ -20,10 +26,14 @@ class Corpus:
 
 
 def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Corpus:
-    """A text file, a Hugging Face dataset ("name[:config[:split]]"), or the offline default.
+    """A text file, the built-in mix ("mix", see mix_corpus), a Hugging Face dataset
+    ("name[:config[:split]]"), or the offline default.
 
     The default is the pydoc topics text that ships with CPython, so nothing is downloaded.
+    A file literally named "mix" is read as ./mix.
     """
+    if text_file == MIX:
+        return mix_corpus()
     if text_file:
         path = Path(text_file)
         if not path.is_file():
@@ -38,9 +48,79 @@ def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Cor
         ds = datasets.load_dataset(name, config, split=split or "test")
         column = "text" if "text" in ds.column_names else ds.column_names[0]
         return Corpus("\n\n".join(ds[column]), f"hf:{dataset}")
+    return Corpus(_pydoc_text(), PYDOC_NAME)
+
+
+def _pydoc_text() -> str:
     from pydoc_data.topics import topics
 
-    return Corpus("\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics (offline default, ships with Python)")
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _pydoc_half(docs: str) -> int:
+    """Where the second half of the pydoc text starts (at a paragraph): the mix reads only from there on."""
+    return docs.index("\n\n", len(docs) // 2)
+
+
+def _pydoc_second_half() -> str:
+    """The pydoc text after the half, less the paragraphs the first half has too (topics repeat sections)."""
+    docs = _pydoc_text()
+    half = _pydoc_half(docs)
+    seen = set(docs[:half].split("\n\n"))
+    return "\n\n".join(p for p in docs[half:].split("\n\n") if p not in seen)
+
+
+def pydoc_first_half() -> Corpus:
+    """The first half of the offline default corpus: text the mix never holds (an out-of-domain check for
+    models tuned on the mix). Its start is the default corpus's start, so short prefixes score alike."""
+    docs = _pydoc_text()
+    return Corpus(docs[:_pydoc_half(docs)], f"{PYDOC_NAME}, first half")
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """Consecutive pieces of about `size` characters, cut after a space or newline (whole words)."""
+    out, pos = [], 0
+    while pos < len(text):
+        end = min(pos + size, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", pos + size // 2, end), text.rfind("\n", pos + size // 2, end))
+            end = cut + 1 if cut >= 0 else end
+        out.append(text[pos:end].strip())
+        pos = end
+    return [c for c in out if c]
+
+
+@lru_cache(maxsize=2)
+def _mix_text(root: str, chunk: int) -> str:
+    from mpokit.data.sst2 import read_sst2
+
+    wiki = Path(root) / "wikitext-2" / "valid.txt"
+    if not wiki.is_file():
+        raise FileNotFoundError(f"missing {wiki} for the {MIX!r} corpus (set MPOKIT_DATA to the data folder)")
+    sources = [wiki.read_text(encoding="utf-8", errors="replace"), _pydoc_second_half(),
+               "\n".join(s for _, s in read_sst2(Path(root) / "sst2" / "train.tsv"))]
+    parts = [_chunks(t, chunk) for t in sources]
+    n = min(len(p) for p in parts)  # stop with the shortest source: every stretch of the mix stays mixed
+    return "\n\n".join(p[k] for k in range(n) for p in parts)  # wiki, docs, sst2, wiki, docs, ...
+
+
+def mix_corpus(chunk: int = MIX_CHUNK) -> Corpus:
+    """The built-in calibration/training mix, offline: WikiText-2 valid (shared data folder), the second half
+    of the pydoc topics text, and SST-2 train sentences, interleaved in chunks of about `chunk` characters
+    (one chunk of each in turn, until the shortest source runs out), so every prefix of three chunks or more
+    holds all three sources.
+
+    The Python docs come from the second half of the offline default corpus, so `mpokit finetune --data mix`
+    never trains on the start of that corpus, which it reports as the out-of-domain text.
+    """
+    from mpokit.data.paths import shared_data_dir
+
+    if chunk < 64:
+        raise ValueError(f"expected a mix chunk of at least 64 characters, got {chunk}")
+    root = shared_data_dir()
+    name = (f"{MIX}: WikiText-2 valid + pydoc_data.topics (second half) + SST-2 train sentences, "
+            f"{chunk}-character chunks in turn")
+    return Corpus(_mix_text(str(root), chunk), name)
 
 
 def tokenize_prefix(tokenizer, text: str, tokens: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ class TrainContext:
     head: list[nn.Parameter]  # a freshly added classifier head (always trained); [] for lm
     load_teacher: Callable[[str], nn.Module]  # model path -> model of the same task
     fit: Callable[..., Any]  # fit(model, max_steps=..., loss_fn=..., subdir=...) -> mpokit.train.FitResult
+    # () -> (model, label): the uncompressed model the checkpoint was made from (its recorded source),
+    # same task; raises when none is recorded. None: the run offers no source.
+    load_source: Callable[[], tuple[nn.Module, str]] | None = None
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Datasets for the Trainer wrappers: causal-LM windows of a text, SST-2 sentences."""
+"""Datasets for the Trainer wrappers: causal-LM windows of a text, SST-2 sentences; the held-out tail of a text."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -8,7 +10,7 @@ from torch.utils.data import Dataset
 
 from mpokit.data import read_sst2, shared_data_dir  # re-exported: the one reader and data-folder rule
 
-__all__ = ["TextWindows", "SST2", "read_sst2", "shared_data_dir"]
+__all__ = ["TextWindows", "SST2", "read_sst2", "shared_data_dir", "HeldOut", "hold_out_tail", "read_text", "same_text"]
 
 
 class TextWindows(Dataset):
@@ -47,3 +49,53 @@ class SST2(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+
+def read_text(spec: str) -> tuple[str, str]:
+    """(text, name) of a text file or a named corpus ("mix": mpokit.data.corpus.mix_corpus)."""
+    from mpokit.data import load_corpus
+
+    if not spec:
+        raise ValueError(f"expected a text file or 'mix', got {spec!r}")
+    corpus = load_corpus(spec)
+    return corpus.text, corpus.name
+
+
+def same_text(a: str | None, b: str | None) -> bool:
+    """Whether two text arguments name the same text (the same corpus name, or the same file)."""
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+@dataclass
+class HeldOut:
+    """A text cut in two at `cut` (a character offset): training reads text[:cut], evaluation text[cut:]."""
+
+    train_text: str
+    eval_text: str
+    cut: int
+    fraction: float  # of the characters, held out
+
+    def note(self, what: str = "--data") -> str:
+        return (f"evaluated on a held-out {self.fraction:.0%} of {what} (characters {self.cut}-"
+                f"{self.cut + len(self.eval_text)}), not trained on")
+
+
+def hold_out_tail(tokenizer, text: str, fraction: float = 0.1, min_tokens: int = 0) -> HeldOut:
+    """Hold out the tail of `text`: `fraction` of its characters, grown (up to half the text) until it
+    holds at least min_tokens tokens; the cut moves forward to the next line start when one is near."""
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"expected a held-out fraction in (0, 0.5], got {fraction}")
+    n = len(text)
+    tail = max(1, math.ceil(fraction * n))
+    while tail < n // 2 and len(tokenizer(text[n - tail:], return_tensors="pt").input_ids[0]) < min_tokens:
+        tail = min(n // 2, 2 * tail)
+    cut = n - tail
+    line = text.find("\n", cut, cut + 200)
+    if line >= 0 and line + 1 < n:
+        cut = line + 1  # a clean start; the held-out part is at most a line shorter
+    return HeldOut(text[:cut], text[cut:], cut, (n - cut) / n)

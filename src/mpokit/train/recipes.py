@@ -3,6 +3,9 @@
 What trains and how (MPOP, recovery, OPF, OPDF, KD, LoRA, full) is the method's config
 (mpokit.methods, kind "finetune"); this module owns only the run: data, Trainer options,
 evaluation and the saved model.
+
+No figure is measured on training text: without --eval-data the tail of --data is held out
+(training never reads it), and for --task lm a second, out-of-domain text is always scored too.
 """
 from __future__ import annotations
 
@@ -32,7 +35,10 @@ class FinetuneOptions:
     lr: float | None = None  # None: per-method default
     seq_len: int = 128  # lm window / sst2 max tokens
     train_limit: int | None = None  # sst2 rows / lm windows used for training
-    eval_data: str | None = None  # lm: text for perplexity (default: data); sst2: tsv (default: dev.tsv next to data)
+    # lm: text for perplexity (default: the held-out tail of data); sst2: tsv (default: dev.tsv next to data)
+    eval_data: str | None = None
+    held_out: float = 0.1  # lm without eval_data: fraction of data's characters held out for evaluation
+    ood_data: str | None = None  # lm: out-of-domain text also scored (default: the offline pydoc corpus's first half)
     eval_tokens: int = 8192
     context: int = 512
     eval_limit: int | None = None
@@ -61,26 +67,56 @@ class FinetuneOptions:
             check_number("lr", self.lr, 0, low_open=True)
         check_number("weight_decay", self.weight_decay, 0)
         check_choice("task", self.task, TASKS)
+        check_number("held_out", self.held_out, 0, 0.5, low_open=True)
         if self.max_minutes is not None:
             check_number("max_minutes", self.max_minutes, 0, low_open=True)
 
 
 def _datasets(o: FinetuneOptions, tok):
+    """(train dataset, evaluation text or dataset, collator, evaluation label); never evaluation on training text."""
     from transformers import DataCollatorWithPadding
 
-    from mpokit.train.data import SST2, TextWindows
+    from mpokit.train.data import SST2, TextWindows, hold_out_tail, read_text, same_text
 
-    data = Path(o.data)
     if o.task == "sst2":
+        data = Path(o.data)
         train_file = data / "train.tsv" if data.is_dir() else data
         eval_file = Path(o.eval_data) if o.eval_data else train_file.parent / "dev.tsv"
+        if same_text(str(train_file), str(eval_file)):
+            raise ValueError(f"expected an evaluation split other than the training file {train_file}, got the same "
+                             "file (accuracy on training rows)")
+        label = {"text": str(eval_file), "held_out": False,
+                 "note": f"evaluated on {eval_file} ({'--eval-data' if o.eval_data else 'the dev split'}), not trained on"}
         return (SST2(tok, train_file, o.seq_len, o.train_limit), SST2(tok, eval_file, o.seq_len, o.eval_limit),
-                DataCollatorWithPadding(tok))
-    if not data.is_file():
-        raise FileNotFoundError(f"missing training text: {data}")
-    train = TextWindows(tok, data.read_text(encoding="utf-8"), o.seq_len, o.train_limit)
-    eval_text = Path(o.eval_data or data).read_text(encoding="utf-8")
-    return train, eval_text, None
+                DataCollatorWithPadding(tok), label)
+    text, name = read_text(o.data)
+    if o.eval_data:
+        if same_text(o.data, o.eval_data):
+            raise ValueError(f"expected --eval-data other than --data, got {o.eval_data} for both (perplexity on "
+                             "training text); leave --eval-data out to hold out the tail of --data")
+        evaluation, eval_name = read_text(o.eval_data)
+        label = {"text": eval_name, "held_out": False, "note": f"evaluated on {eval_name} (--eval-data), not trained on"}
+    else:
+        split = hold_out_tail(tok, text, o.held_out, min_tokens=min(o.eval_tokens, 2 * o.context))
+        text, evaluation = split.train_text, split.eval_text
+        label = {"text": f"{name} (held-out tail)", "held_out": True, "fraction": split.fraction,
+                 "from_char": split.cut, "note": split.note()}
+    return TextWindows(tok, text, o.seq_len, o.train_limit), evaluation, None, label
+
+
+def _ood_text(o: FinetuneOptions) -> tuple[str, str] | None:
+    """lm: (text, name) of the out-of-domain text: --ood-data, else the pydoc corpus's first half (never in the mix)."""
+    from mpokit.data.corpus import pydoc_first_half
+    from mpokit.train.data import read_text, same_text
+
+    if o.task != "lm":
+        return None
+    if o.ood_data is None:
+        corpus = pydoc_first_half()
+        return corpus.text, corpus.name
+    if same_text(o.ood_data, o.data) or same_text(o.ood_data, o.eval_data):
+        raise ValueError(f"expected --ood-data other than --data and --eval-data, got {o.ood_data}")
+    return read_text(o.ood_data)
 
 
 def _load(o: FinetuneOptions):
@@ -103,7 +139,42 @@ def _task(o: FinetuneOptions) -> str:
     return "causal-lm" if o.task == "lm" else "sequence-classification"
 
 
-def _context(o: FinetuneOptions, model, train, collator, lr: float) -> TrainContext:
+# The labels load_model gives the embedded models (what mpokit compress records as their source).
+_EMBEDDED = {"SmolLM2-135M-Instruct (GGUF": None, "all-MiniLM-L6-v2": "minilm"}
+
+
+def _recorded_source(loaded) -> str | None:
+    """The model an mpokit checkpoint was made from: its mpokit.json "source" (else the report's "model")."""
+    from mpokit.io.checkpoint import is_checkpoint, read_meta
+
+    if loaded.path is None or not is_checkpoint(loaded.path):
+        return None
+    meta = read_meta(loaded.path)
+    source = meta.get("source") or (meta.get("report") or {}).get("model")
+    return source if isinstance(source, str) and source else None
+
+
+def _source_loader(o: FinetuneOptions, loaded):
+    """() -> (model, label) of the recorded source model, for TrainContext.load_source."""
+    from mpokit.io.models import load_model
+
+    source = _recorded_source(loaded)
+
+    def load():
+        if source is None:
+            raise ValueError(f"expected a checkpoint that records its source model (mpokit compress does), got none "
+                             f"in {o.model}; pass --teacher MODEL, or --recover-loss lm")
+        spec = next((v for k, v in _EMBEDDED.items() if source.startswith(k)), source)
+        try:
+            return load_model(spec, task=_task(o)).model, source
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"cannot load the source model recorded in {o.model} ({e}); pass --teacher MODEL"
+                                    ) from e
+
+    return load
+
+
+def _context(o: FinetuneOptions, loaded, train, collator, lr: float) -> TrainContext:
     from mpokit.io.models import load_model
     from mpokit.train.params import head_parameters
     from mpokit.train.trainer import fit
@@ -120,19 +191,25 @@ def _context(o: FinetuneOptions, model, train, collator, lr: float) -> TrainCont
                    save_steps=o.save_steps, save_total_limit=o.save_total_limit, resume=o.resume or None, **common)
 
     return TrainContext(task=o.task, train=train, collator=collator, batch_size=o.batch_size, max_steps=o.max_steps,
-                        head=head_parameters(model) if o.task == "sst2" else [],
-                        load_teacher=lambda path: load_model(path, task=_task(o)).model, fit=run)
+                        head=head_parameters(loaded.model) if o.task == "sst2" else [],
+                        load_teacher=lambda path: load_model(path, task=_task(o)).model, fit=run,
+                        load_source=_source_loader(o, loaded))
 
 
-def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator) -> dict:
+def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict) -> dict:
+    """The run's figures, each labelled with its text: "eval" (held out or --eval-data), and for lm "ood"."""
+    from mpokit.train.evaluate import accuracy, perplexity_entry
+
     if o.task == "sst2":
-        from mpokit.train.evaluate import accuracy
-
-        return {"accuracy": accuracy(model, evaluation, collator), "eval_rows": len(evaluation)}
-    from mpokit.eval.perplexity import perplexity
-
-    res = perplexity(model, tok, evaluation, tokens=o.eval_tokens, context=o.context, progress=False)
-    return {"perplexity": res.perplexity, "eval_tokens": res.tokens, "context": o.context}
+        acc = accuracy(model, evaluation, collator)
+        return {"accuracy": acc, "eval_rows": len(evaluation), "eval": {**label, "accuracy": acc,
+                                                                        "rows": len(evaluation)}}
+    name, extra = label["text"], {k: v for k, v in label.items() if k != "text"}
+    ev = perplexity_entry(model, tok, evaluation, name, o.eval_tokens, o.context, **extra)
+    ood_text, ood_name = _ood_text(o)
+    ood = perplexity_entry(model, tok, ood_text, ood_name, o.eval_tokens, o.context,
+                           note="out-of-domain text, not trained on")
+    return {"perplexity": ev["perplexity"], "eval_tokens": ev["tokens"], "context": o.context, "eval": ev, "ood": ood}
 
 
 def finetune(o: FinetuneOptions) -> dict:
@@ -145,9 +222,10 @@ def finetune(o: FinetuneOptions) -> dict:
     method = o.method
     loaded = _load(o)
     model, tok = loaded.model, loaded.tokenizer
-    train, evaluation, collator = _datasets(o, tok)
+    train, evaluation, collator, label = _datasets(o, tok)
+    _ood_text(o)  # a bad --ood-data fails before training, not after
     lr = o.lr if o.lr is not None else method.default_lr
-    ctx = _context(o, model, train, collator, lr)
+    ctx = _context(o, loaded, train, collator, lr)
     prepared = method.prepare(model, ctx)
     trainable = count_trainable(prepared.model)
     prepared.model.train()
@@ -163,7 +241,10 @@ def finetune(o: FinetuneOptions) -> dict:
            "trainable_params": trainable, "params": count_params(model), "train_loss": result.train_loss,
            "selected": [], "squeeze": None, **prepared.info, **outcome.info, "resumed_from": result.resumed_from,
            "config": method.to_dict()}
-    out.update(_evaluate(o, model, tok, evaluation, collator))
-    out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, overwrite=True))  # the run owns it
+    out.update(_evaluate(o, model, tok, evaluation, collator, label))
+    # the run owns out/model; the source it records is the teacher of a later `recover`
+    source = _recorded_source(loaded) or loaded.source
+    out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, extra={"source": source},
+                                       overwrite=True))
     out["seconds"] = time.time() - t0
     return out

@@ -26,7 +26,8 @@ class KDConfig(FinetuneConfig):
 
     method: ClassVar[str] = "kd"
     default_lr: ClassVar[float] = 5e-5
-    teacher: str | None = option(None, "teacher model (same task)")
+    teacher: str | None = option(None, "teacher model (same task; recover: default the uncompressed model the "
+                                        "checkpoint was made from)")
     alpha: float = option(0.5, "KD weight, in [0, 1]", type=fraction)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""MPOP and recovery as training-time methods: which MPO cores train, and dimension squeezing."""
+"""MPOP as a training-time method: which MPO cores train, and dimension squeezing (recovery: recover.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,8 @@ from torch import nn
 from mpokit.methods.base import option
 from mpokit.methods.checks import check_ints, int_at_least, positive_int
 from mpokit.methods.finetune import FinetuneConfig, Prepared, TrainContext, TrainOutcome
-from mpokit.methods.mpop.core import decompose_, dimension_squeeze_, mpo_linears, mpop_
+from mpokit.methods.mpop.core import decompose_, dimension_squeeze_, mpop_
+from mpokit.methods.mpop.recover import RecoverConfig  # re-exported: it lived here
 
 __all__ = ["MPOPConfig", "RecoverConfig"]
 
@@ -46,17 +47,3 @@ class MPOPConfig(FinetuneConfig):
         log = dimension_squeeze_(model, self.squeeze_bond, self.squeeze_steps, lambda: runs.append(
             ctx.fit(model, max_steps=per_cut, subdir=f"squeeze{len(runs)}")), extra=ctx.head)
         return TrainOutcome(runs[-1], {"squeeze": log, "trainable_params": log[-1]["trainable_params"]})
-
-
-@dataclass
-class RecoverConfig(FinetuneConfig):
-    """Recovery after compression: every core of the MPO layers trains (plus a new head)."""
-
-    method: ClassVar[str] = "recover"
-    default_lr: ClassVar[float] = 1e-4
-
-    def prepare(self, model: nn.Module, ctx: TrainContext) -> Prepared:
-        if not mpo_linears(model):
-            raise ValueError("expected a compressed model (MPO layers) for --method recover; compress it first")
-        mpop_(model, extra=ctx.head, all_cores=True)
-        return Prepared(model)
