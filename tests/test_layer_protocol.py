@@ -16,13 +16,14 @@ from mpokit.layers.moe import MoEFFN
 from mpokit.layers.mpo import MPOEmbedding, MPOLinear
 from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
 from mpokit.layers.quant import QuantLinear
+from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.surgery import get_module, set_module, to_dense_module
 
 from conftest import tiny_llama
 
 BUILT_IN = {"MPOLinear", "MPOEmbedding", "QuantLinear", "QuantMPOLinear", "MoEFFN", "MPOEFFN", "UpcycledMoE",
-            "Passthrough"}
+            "Passthrough", "QuantEmbedding"}
 
 
 def _ffn(gated: bool = True, n: int = 12, d: int = 8, bias: bool = False) -> DenseFFN:
@@ -42,6 +43,8 @@ BUILDERS = {
                              torch.randint(0, 20, (2, 5))),
     "QuantLinear": lambda: (QuantLinear.from_weight(torch.randn(12, 16), torch.randn(12), bits=4, group_size=8),
                             torch.randn(2, 3, 16)),
+    "QuantEmbedding": lambda: (QuantEmbedding.from_embedding(nn.Embedding(20, 8), bits=4),
+                               torch.randint(0, 20, (2, 5))),
     "QuantMPOLinear": lambda: (QuantMPOLinear.from_mpo(_mpo_linear(), "central", bits=4, group_size=4),
                                torch.randn(2, 3, 10)),
     "MoEFFN": lambda: (MoEFFN.from_dense(_ffn(), torch.arange(12) % 4, top_k=4, router_hidden=8),  # all experts
@@ -54,6 +57,7 @@ BUILDERS = {
 
 # what undoing gives: the module replaced, or for routed FFNs their dense form (upcycled experts are dense)
 DENSE_FORMS = {"MPOLinear": nn.Linear, "MPOEmbedding": nn.Embedding, "QuantLinear": nn.Linear,
+               "QuantEmbedding": nn.Embedding,
                "QuantMPOLinear": nn.Linear, "MoEFFN": GatedMLP, "MPOEFFN": UpcycledMoE, "UpcycledMoE": UpcycledMoE,
                "Passthrough": nn.Identity}
 
@@ -101,7 +105,7 @@ def test_storage_bytes_is_an_int_counting_the_stored_tensors(name):
     assert (n > 0) == bool(layer.state_dict())  # only Passthrough stores nothing
     stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())  # nothing shared here
     assert n == stored
-    if isinstance(layer, (QuantLinear, QuantMPOLinear)):  # packed codes count packed, below the float weight
+    if isinstance(layer, (QuantLinear, QuantMPOLinear, QuantEmbedding)):  # packed codes count packed, below the float weight
         assert n < sum(t.numel() * t.element_size() for t in layer.to_dense().state_dict().values())
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from mpokit.export.metadata import (check_architecture, check_source, general_kv, llama_kv, provenance_kv,
                                     read_source_kv, tokenizer_kv, write_kv)
-from mpokit.export.tensors import collect_tensors, densified_copy
+from mpokit.export.tensors import GGUF_CODES, collect_tensors, densified_copy
 from mpokit.io.atomic import OutputPathError, recover
 
 __all__ = ["GGUFOptions", "export_gguf", "INT4_ZERO_POINT", "CONVERT", "DENSE"]
@@ -213,7 +213,7 @@ def export_gguf(model_or_dir, out_path, options: GGUFOptions | None = None, *, t
     model = model_or_dir if in_memory else load_compressed(ckpt)
     check_architecture(model.config)
     kv, tokenizer_source, notes = _metadata(model, tokenizer, meta, ckpt, source, explicit)
-    dense_model, dense_notes = densified_copy(model)
+    dense_model, dense_notes = densified_copy(model, keep=GGUF_CODES)
     tensors = collect_tensors(dense_model, options.int4_zero_point, options.convert, options.dense)
     _write_atomic(out, lambda tmp: _write(tmp, kv, tensors), overwrite)
     rows = [_row(t) for t in tensors]

@@ -1,8 +1,10 @@
 """The tensors of a llama model under their GGUF names, each encoded (encode.py) and row-permuted.
 
-Quantized layers (QuantLinear) keep their codes; every other mpokit layer (MPO, low-rank,
-quantized-MPO, routed FFN) is undone on a copy of the model first and written as the dense
-weight it computes, so the file does not carry its structure. llama.cpp stores q_proj/k_proj
+Quantized layers (QuantLinear, and QuantEmbedding when the caller keeps it: GGUF does) keep their
+codes; every other mpokit layer (MPO, low-rank, quantized-MPO, routed FFN) is undone on a copy of
+the model first, through the layer protocol (to_dense), and written as the dense weight it
+computes, so the file does not carry its structure. A lm_head tied to a kept QuantEmbedding is
+left out of the file, as a tied dense one is: llama.cpp reuses token_embd. llama.cpp stores q_proj/k_proj
 with the rows of each head reordered for its rotary kernel (convert_hf_to_gguf's `permute`;
 transformers' GGUF loader reverses it): the same row permutation is applied here, to encoded
 rows, so the column groups inside each row stay intact.
@@ -17,10 +19,13 @@ from torch import nn
 
 from mpokit.export.encode import Encoded, encode_dense, encode_quantized
 from mpokit.layers.base import layer_modules
-from mpokit.layers.quant import QuantLinear
+from mpokit.layers.quant import QuantizedTensor, QuantLinear
+from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.surgery.replace import get_module
 
-__all__ = ["ExportTensor", "densified_copy", "collect_tensors", "rope_permutation"]
+__all__ = ["ExportTensor", "densified_copy", "collect_tensors", "rope_permutation", "GGUF_CODES"]
+
+GGUF_CODES = (QuantLinear, QuantEmbedding)  # layers collect_tensors writes from their codes
 
 
 @dataclass
@@ -31,16 +36,20 @@ class ExportTensor:
     encoded: Encoded
 
 
-def densified_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """`model` itself when its only mpokit layers are QuantLinear; else a copy with every other mpokit
-    layer undone (outermost first, ties restored, as surgery.unload_ does), and one note per layer."""
-    others = [(n, m) for n, m in layer_modules(model) if not isinstance(m, QuantLinear)]
-    if not others:
+def densified_copy(model: nn.Module, keep: tuple[type, ...] = (QuantLinear,)) -> tuple[nn.Module, list[str]]:
+    """`model` itself when its only mpokit layers are of the `keep` types; else a copy with every other
+    mpokit layer undone (outermost first, ties restored, as surgery.unload_ does), and one note per
+    layer. A kept layer tied to an undone one (a QuantLinear lm_head sharing a QuantEmbedding's table)
+    is undone too, and tied to the dense result."""
+    layers = layer_modules(model)
+    undo = {n for n, m in layers if not isinstance(m, keep)}
+    undo |= {n for n, m in layers if getattr(m, "tied_to", None) in undo}
+    if not undo:
         return model, []
     model = copy.deepcopy(model)
     notes, undone = [], []
     for name, layer in layer_modules(model):
-        if isinstance(layer, QuantLinear) or not _still_there(model, name, layer):
+        if name not in undo or not _still_there(model, name, layer):
             continue
         layer.undo_(model, name)
         undone.append((name, layer))
@@ -70,22 +79,27 @@ def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
 
 def _sources(model: nn.Module) -> list[tuple[str, object]]:
     """(HF tensor name, QuantizedTensor or tensor) for every tensor to write, tied lm_head left out."""
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    state = model.state_dict()
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, GGUF_CODES)}
     out = []
-    for key, t in state.items():
+    for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner.endswith(".qweight") and owner[: -len(".qweight")] in quant:
             if key.endswith(".packed"):  # scale and offset travel with the codes
                 out.append((owner[: -len(".qweight")] + ".weight", quant[owner[: -len(".qweight")]].qweight))
             continue
         out.append((key, t))
-    embed = state.get("model.embed_tokens.weight")
-    head = state.get("lm_head.weight")
+    found = dict(out)
+    embed, head = found.get("model.embed_tokens.weight"), found.get("lm_head.weight")
     if getattr(model.config, "tie_word_embeddings", False) and embed is not None and head is not None \
-            and head.data_ptr() == embed.data_ptr() and head.shape == embed.shape:
+            and _same_storage(embed, head):
         out = [(k, v) for k, v in out if k != "lm_head.weight"]  # llama.cpp reuses token_embd when output is absent
     return out
+
+
+def _same_storage(a, b) -> bool:
+    if isinstance(a, QuantizedTensor) or isinstance(b, QuantizedTensor):
+        return a is b
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def collect_tensors(model: nn.Module, int4_zero_point: str = "q4_1", convert: str = "f16",

@@ -28,7 +28,7 @@ from mpokit.io.atomic import atomic_dir, check_target, recover
 from mpokit.io.hf_guard import read_model_config, write_guarded_config
 from mpokit.io.manifest import build_manifest, file_sha256, verify_manifest
 from mpokit.io.validate import (DTYPES, CheckpointError, architecture_class, check_aliases, check_layer_fits,
-                                check_meta_types, check_tie, dtype_of)
+                                check_meta_types, check_tie, dtype_of, tied_attr)
 from mpokit.layers import LAYERS, layer_modules, register_layer
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
@@ -181,8 +181,9 @@ def _build_model(path: Path, meta: dict[str, Any], cls: type, dtype: torch.dtype
     for name, spec in layers.items():
         if spec.get("tied_to"):
             target = check_tie(name, spec["tied_to"], layers, model, aliases, where)
-            layer = get_module(model, name)
-            layer.tied_to, layer.cores = spec["tied_to"], target.cores
+            layer, attr = get_module(model, name), tied_attr(target)
+            layer.tied_to = spec["tied_to"]
+            setattr(layer, attr, getattr(target, attr))  # one module: MPO cores, or a quantized table
     return model
 
 
@@ -249,9 +250,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its model description: {e}") from e
-    for name, spec in meta["layers"].items():  # re-share cores that load_state_dict copied into separately
+    for name, spec in meta["layers"].items():  # re-share storage that load_state_dict copied into separately
         if spec.get("tied_to"):
-            get_module(model, name).cores = get_module(model, spec["tied_to"]).cores
+            target = get_module(model, spec["tied_to"])
+            setattr(get_module(model, name), tied_attr(target), getattr(target, tied_attr(target)))
     _reshare_parameters(model, aliases)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

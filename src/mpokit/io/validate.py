@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "check_meta_types", "architecture_class", "dtype_of", "DTYPES", "ARCHITECTURE_SUFFIXES",
-           "check_aliases", "check_layer_fits", "check_tie"]
+           "check_aliases", "check_layer_fits", "check_tie", "tied_attr"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                   "float64": torch.float64}
@@ -167,24 +167,45 @@ def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn
                               f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
 
 
+def tied_attr(layer: nn.Module) -> str | None:
+    """The storage a tied layer shares with its target: "cores" (MPO layers), "qweight" (quantized
+    layers: a QuantEmbedding and its lm_head QuantLinear), or None."""
+    from mpokit.layers.quant import QuantizedTensor
+
+    if isinstance(getattr(layer, "cores", None), nn.ParameterList):
+        return "cores"
+    if isinstance(getattr(layer, "qweight", None), QuantizedTensor):
+        return "qweight"
+    return None
+
+
+def _layout(part: nn.Module) -> list:
+    if isinstance(part, nn.ParameterList):
+        return [tuple(c.shape) for c in part]
+    return [part.rows, part.cols, part.bits, part.group_size, part.symmetric, part.zero_point]
+
+
 def check_tie(name: str, target_name: str, layers: dict[str, dict], model: nn.Module, aliases: dict[str, str],
               where: Path | str) -> nn.Module:
-    """`name` may share the cores of `target_name` only if that is another stored layer with cores of the
-    same shapes, and the weights file stores the cores once (as aliases of the target's). Returns the target."""
+    """`name` may share the cores (or quantized table) of `target_name` only if that is another stored layer
+    with storage of the same layout, and the weights file stores it once (as aliases of the target's).
+    Returns the target."""
     bad = f"layer {name!r} in {where} is tied to {target_name!r}"
     if target_name == name or target_name not in layers:
         raise CheckpointError(f"{bad}, which is not another layer of the checkpoint")
     if layers[target_name].get("tied_to"):
         raise CheckpointError(f"{bad}, which is itself tied to {layers[target_name]['tied_to']!r}")
     layer, target = model.get_submodule(name), model.get_submodule(target_name)  # both built from the specs
-    mine, theirs = getattr(layer, "cores", None), getattr(target, "cores", None)
-    if not (isinstance(mine, nn.ParameterList) and isinstance(theirs, nn.ParameterList)):
-        raise CheckpointError(f"{bad}, but only MPO layers can share cores")
-    if [tuple(c.shape) for c in mine] != [tuple(c.shape) for c in theirs]:
-        raise CheckpointError(f"{bad}, whose cores have other shapes: {[tuple(c.shape) for c in theirs]} vs "
-                              f"{[tuple(c.shape) for c in mine]}")
-    for k in range(len(mine)):
-        a, b = f"{name}.cores.{k}", f"{target_name}.cores.{k}"
+    attr = tied_attr(layer)
+    if attr is None or tied_attr(target) != attr:
+        raise CheckpointError(f"{bad}, but only MPO layers (cores) and quantized layers (a quantized table) can "
+                              "share storage, with a layer of their own kind")
+    mine, theirs = getattr(layer, attr), getattr(target, attr)
+    if _layout(mine) != _layout(theirs):
+        what = "cores have other shapes" if attr == "cores" else "quantized table has another layout"
+        raise CheckpointError(f"{bad}, whose {what}: {_layout(theirs)} vs {_layout(mine)}")
+    for key in theirs.state_dict():
+        a, b = f"{name}.{attr}.{key}", f"{target_name}.{attr}.{key}"
         if aliases.get(a, a) != aliases.get(b, b):
             raise CheckpointError(f"{bad}, but the weights file stores {a} separately (not as an alias of {b})")
     return target

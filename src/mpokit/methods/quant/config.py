@@ -7,10 +7,11 @@ from mpokit.methods.base import MethodConfig, option
 from mpokit.methods.checks import check_choice, check_ints, check_number
 from mpokit.ops.quant import SUPPORTED_BITS
 
-__all__ = ["QuantConfig", "GPTQConfig", "MPO_CORE_CHOICES", "ALGORITHMS"]
+__all__ = ["QuantConfig", "GPTQConfig", "MPO_CORE_CHOICES", "ALGORITHMS", "EMBEDDING_BITS"]
 
 MPO_CORE_CHOICES = ("all", "central", "auxiliary")
 ALGORITHMS = ("rtn", "gptq")
+EMBEDDING_BITS = (4, 8)
 
 
 @dataclass
@@ -49,7 +50,16 @@ class QuantConfig(MethodConfig):
         token reads; with few of them in the Hessian GPTQ pushes error into their direction.
         Measured on SmolLM2 int4 g128 (8192 tokens, 2048-token test): window 512 perplexity 30.35,
         128: 29.17, 32: 29.79 (RTN 29.85, dense 25.49).
-    Targets default to the architecture's linear layers (embeddings are not quantized).
+      embeddings: bits (8 or 4) for the vocabulary tables: the input embedding becomes a
+        QuantEmbedding and the output embedding (lm_head) a QuantLinear. A tied lm_head shares
+        the embedding's QuantizedTensor (one copy in memory and on disk, `tied_to` in its spec),
+        even when target_modules names it; an untied one is quantized on its own with the same
+        bits and groups. None (default): both stay float. Always round-to-nearest (with the
+        range search when clip_search is on), also with algorithm="gptq": an embedding lookup
+        has no input Hessian; they are quantized before GPTQ calibrates the blocks.
+      embedding_group_size: columns per group of those tables; None (default) is one group per
+        row (the embedding dim), which puts an 8-bit lm_head on the int8 kernel.
+    Targets default to the architecture's linear layers (embeddings only with `embeddings`).
     """
 
     method: ClassVar[str] = "quant"
@@ -66,6 +76,10 @@ class QuantConfig(MethodConfig):
     act_order: bool = False
     calibration_tokens: int = 8192
     calibration_context: int = 128
+    embeddings: int | None = option(None, "bits of the input embedding and lm_head (8 or 4; default: float)",
+                                    type=int)
+    embedding_group_size: int | None = option(None, "columns per group of the embedding table (default: one "
+                                              "group per row)", type=int)
 
     @property
     def needs_calibration(self) -> bool:
@@ -78,6 +92,9 @@ class QuantConfig(MethodConfig):
         check_number("damp", self.damp, 0, low_open=True)
         check_choice("bits", self.bits, SUPPORTED_BITS)
         check_choice("mpo_cores", self.mpo_cores, MPO_CORE_CHOICES)
+        if self.embeddings is not None:
+            check_choice("embeddings", self.embeddings, EMBEDDING_BITS)
+        check_ints(self, 1, ["embedding_group_size"], optional=True)
 
 @dataclass
 class GPTQConfig(QuantConfig):

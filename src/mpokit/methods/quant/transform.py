@@ -1,4 +1,5 @@
-"""Replace targeted Linear/Conv1D layers by QuantLinear, and MPO layers by QuantMPOLinear.
+"""Replace targeted Linear/Conv1D layers by QuantLinear, and MPO layers by QuantMPOLinear; with
+config.embeddings, the input embedding and lm_head too (embeddings.py).
 
 algorithm="rtn" rounds each weight on its own; "gptq" streams calibration text block by
 block (calibration.stream_blocks) and quantizes each block's layers with GPTQ on the
@@ -12,9 +13,11 @@ from tqdm.auto import tqdm
 
 from mpokit.layers.mpo import MPOLinear
 from mpokit.layers.quant import QuantLinear
+from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.quant.config import QuantConfig
+from mpokit.methods.quant.embeddings import quantize_vocab_, vocab_tables
 from mpokit.calibration.blocks import stream_blocks
 from mpokit.calibration.stats import collect_input_stats, resolve_calibration
 from mpokit.data import Calibration, as_calibration
@@ -63,7 +66,7 @@ def quantize_module(module: nn.Module, config: QuantConfig) -> nn.Module:
 
 
 def _group_of(layer: nn.Module) -> int:
-    return layer.qweight.group_size if isinstance(layer, QuantLinear) else layer.group_size
+    return layer.qweight.group_size if isinstance(layer, (QuantLinear, QuantEmbedding)) else layer.group_size
 
 
 def _dense_bytes(module: nn.Module) -> int:
@@ -108,7 +111,8 @@ class _Recorder:
         self.report = Report(method=config.method)
         self.bytes_before = self.bytes_after = 0
 
-    def replace(self, name: str, make, gram: torch.Tensor | None = None) -> None:
+    def replace(self, name: str, make, gram: torch.Tensor | None = None, bits: int | None = None,
+                kind: str | None = None) -> None:
         module = get_module(self.model, name)
         with torch.no_grad():
             w = module.full_weight() if isinstance(module, MPOLinear) else weight_matrix(module)
@@ -121,13 +125,13 @@ class _Recorder:
         err = (w - w_hat).norm().item() / max(w.norm().item(), 1e-30)
         after = new.storage_bytes()
         self.bytes_before, self.bytes_after = self.bytes_before + before, self.bytes_after + after
-        detail = {"bits": self.config.bits, "group_size": _group_of(new), "sqnr_db": sqnr_db(w, w_hat),
+        detail = {"bits": bits or self.config.bits, "group_size": _group_of(new), "sqnr_db": sqnr_db(w, w_hat),
                   "bytes_before": before, "bytes_after": after}
         if gram is not None:  # output error on the calibration inputs, and what RTN would give there
             rtn = fake_quantize(w, self.config.bits, _group_of(new), self.config.symmetric,
                                 zero_point=self.config.zero_point)
             detail.update(output_rel_error=output_error(w, w_hat, gram), rtn_output_rel_error=output_error(w, rtn, gram))
-        kind = "quant-mpo" if isinstance(new, QuantMPOLinear) else ("gptq" if gram is not None else "quant")
+        kind = kind or ("quant-mpo" if isinstance(new, QuantMPOLinear) else ("gptq" if gram is not None else "quant"))
         self.report.layers.append(LayerRecord(name=name, kind=kind, shape=tuple(w.shape), params_before=w.numel(),
                                               params_after=w.numel(), rel_error=err, detail=detail))
 
@@ -176,8 +180,15 @@ def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calib
     the older calibration_text= / batches= still work)."""
     calibration = as_calibration(calibration, calibration_text, batches)
     names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
+    tables = vocab_tables(model) if config.embeddings is not None else None
+    if tables is not None:  # the lm_head, tied or not, is quantized with the embedding's bits
+        names = [n for n in names if n != tables.head]
     check_unshared(model, names)
     recorder = _Recorder(model, config)
+    if tables is not None:  # before GPTQ, so its calibration inputs come from the quantized embedding
+        quantize_vocab_(model, config, tables, recorder)
+    if not names:
+        return recorder.finish()
     if config.algorithm == "gptq":
         batches = _calibration(config, tokenizer, calibration)
         _gptq_compress(model, names, config, recorder, batches, progress)
