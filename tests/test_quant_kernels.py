@@ -116,3 +116,18 @@ def test_cli_eval_in_bfloat16_reports_the_kernel_paths(tmp_path):
     assert runs["bfloat16"]["kernel_paths"] == runs["float32"]["kernel_paths"] == {"int4": 14}
     assert runs["bfloat16"]["dtype"] == "bfloat16"
     assert abs(runs["bfloat16"]["perplexity"] / runs["float32"]["perplexity"] - 1) < 0.02
+
+
+def test_fast_takes_the_kernel_for_decoding_and_the_exact_path_for_prefill(monkeypatch):
+    from mpokit.layers.quant import FAST_MAX_ROWS
+
+    layer = _layer(4, 32, False, True)
+    layer.kernel = "fast"
+    calls = []
+    real = quant_kernels.int4_mm
+    monkeypatch.setattr(quant_kernels, "int4_mm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 192))
+        assert calls == [1]
+        x = torch.randn(1, FAST_MAX_ROWS + 1, 192)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and calls == [1]

@@ -121,8 +121,9 @@ def add_runtime_flags(p) -> None:
     from mpokit.layers.quant import KERNELS
 
     p.add_argument("--kernel", default="auto", choices=KERNELS,
-                   help="quantized layers: auto = packed kernels for bfloat16 inputs; always = also cast float32 "
-                        "inputs to bfloat16 for them; reference = dequantize and matmul in the compute dtype")
+                   help="quantized layers: auto = packed kernels for bfloat16 inputs; fast = also for float32 inputs "
+                        "of a few rows (decoding), cast to bfloat16; always = for every input; reference = "
+                        "dequantize and matmul in the compute dtype")
 
 
 def apply_runtime(model, args) -> dict[str, Any]:

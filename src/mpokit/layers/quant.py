@@ -8,7 +8,9 @@ of <= 4 bits whose groups are a multiple of 32 run torch's packed int4 kernel, a
 with one group per row its int8 kernel (ops/quant_kernels.py; the kernel's copy of the codes is
 built on the first call and costs 0.5 or 1 byte per weight). The kernels compute in bfloat16, so
 `kernel="auto"` (default) uses them for bfloat16 inputs only and float32 models keep their exact
-numerics; `kernel="always"` also casts float32 inputs to bfloat16 for them (fast decode, bfloat16
+numerics; `kernel="fast"` also casts float32 inputs of at most FAST_MAX_ROWS rows (decoding) to
+bfloat16 for them and keeps larger inputs (prefill) on the reference path, where the dequantized
+float32 GEMM is faster here; `kernel="always"` takes the kernels for every input (bfloat16
 rounding). The reference path, and every layer with `kernel="reference"`, dequantizes the weight
 on each call (or once, with `cache_weight=True`, which trades memory for speed) and runs F.linear.
 """
@@ -24,11 +26,15 @@ from torch import nn
 from mpokit.layers.base import MpokitLayer, as_replaced
 from mpokit.layers.cast import CastOverflowError, cast_dtype, check_cast, narrower
 from mpokit.ops import quant_kernels as kernels
-from mpokit.ops.quant import SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize, unpack_bits
+from mpokit.ops.quant import (SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize,
+                              unpack_bits)
 
 __all__ = ["QuantLinear", "QuantizedTensor", "KERNELS", "set_kernel_", "kernel_paths"]
 
-KERNELS = ("auto", "always", "reference")  # auto: the packed kernel for bfloat16 inputs where the grid allows
+KERNELS = ("auto", "fast", "always", "reference")  # auto: packed kernels for bfloat16 inputs where the grid allows
+# "fast": float32 inputs up to this many rows take the kernels. Measured on SmolLM2 int4 g64, 1 thread
+# (docs/benchmarks/deploy.md): decode 17.6x faster on the kernel, a 512-token prefill 1.7x slower.
+FAST_MAX_ROWS = 32
 
 
 class QuantizedTensor(nn.Module):
@@ -221,7 +227,9 @@ class QuantLinear(MpokitLayer, nn.Module):
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         path = self.kernel_path()
-        wanted = x.dtype == kernels.KERNEL_DTYPE or (self.kernel == "always" and x.is_floating_point())
+        rows = x.numel() // self.in_features
+        wanted = x.dtype == kernels.KERNEL_DTYPE or (x.is_floating_point() and (
+            self.kernel == "always" or (self.kernel == "fast" and rows <= FAST_MAX_ROWS)))
         autograd = torch.is_grad_enabled() and x.requires_grad  # the kernels have no backward
         if path != "reference" and wanted and x.device.type == "cpu" and not autograd:
             mm = kernels.int4_mm if path == "int4" else kernels.int8_mm
