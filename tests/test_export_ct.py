@@ -350,3 +350,18 @@ def test_default_model_int4_g128_loads_exactly(tmp_path):
     assert all(t["exact"] for t in report["tensors"])
     assert [(g["bits"], g["group_size"], g["layers"]) for g in report["config_groups"].values()] == [(4, 32, 210)]
     assert_same_model(mpokit.load_compressed(tmp_path / "ckpt"), tmp_path / "ct")
+
+
+def test_mpokit_loads_and_evaluates_a_compressed_tensors_folder(tmp_path):
+    """Issue 13 item 5: `mpokit eval`/`load_model` take folders other tools wrote (here: ours, as CT)."""
+    model = quantized(bits=4, group_size=32)
+    export_compressed_tensors(model, tmp_path / "ct", CTOptions(), tokenizer=TOKENIZER)
+    loaded = mpokit.load_model(tmp_path / "ct")
+    x = tokens()
+    with torch.no_grad():
+        out = loaded.model(x).logits
+    ref = mpokit_logits(model, x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    assert main(["eval", str(tmp_path / "ct"), "--text", str(text), "--tokens", "96", "--context", "48"]) == 0
