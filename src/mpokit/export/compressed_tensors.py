@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mpokit.export.ct_grid import CTGrid, compact_targets, ct_grid, layer_keys, scheme_args
-from mpokit.export.tensors import densified_copy
+from mpokit.export.tensors import densified_copy, source_meta, source_model
 from mpokit.io.atomic import OutputPathError, atomic_dir, check_target
 from mpokit.layers.base import layer_modules
 from mpokit.layers.quant import QuantLinear
@@ -261,17 +261,11 @@ def export_compressed_tensors(model_or_dir, out_path, options: CTOptions | None 
     if not is_compressed_tensors_available():
         raise ImportError("expected the compressed-tensors package for --format compressed-tensors, got none: "
                           "pip install 'mpokit[export]' (or compressed-tensors)")
-    from mpokit.io.checkpoint import load_compressed, read_meta
-
     options = options or CTOptions()
     out = Path(out_path)
-    in_memory = isinstance(model_or_dir, nn.Module)
-    ckpt = None if in_memory else Path(model_or_dir)
-    meta = {} if in_memory else read_meta(ckpt)  # "expected an mpokit checkpoint at X, got ..." otherwise
+    ckpt, meta = source_meta(model_or_dir)
     _check_out(out, overwrite, ckpt)  # before any slow work
-    model = model_or_dir if in_memory else load_compressed(ckpt)
-    if not hasattr(model, "save_pretrained"):
-        raise ValueError(f"expected a transformers model, got {type(model).__name__}")
+    model = source_model(model_or_dir, ckpt)
     if tokenizer is None and ckpt is not None:
         tokenizer = _checkpoint_tokenizer(ckpt)
     plan = _plan(model, options.unsupported)

@@ -22,7 +22,7 @@ from torch import nn
 
 from mpokit.export.metadata import (check_architecture, check_source, general_kv, llama_kv, provenance_kv,
                                     read_source_kv, tokenizer_kv, write_kv)
-from mpokit.export.tensors import GGUF_CODES, collect_tensors, densified_copy
+from mpokit.export.tensors import GGUF_CODES, collect_tensors, densified_copy, source_meta, source_model
 from mpokit.io.atomic import OutputPathError, recover
 
 __all__ = ["GGUFOptions", "export_gguf", "INT4_ZERO_POINT", "CONVERT", "DENSE"]
@@ -198,19 +198,15 @@ def export_gguf(model_or_dir, out_path, options: GGUFOptions | None = None, *, t
     Returns the report: per tensor its GGUF type, bytes, whether it is exact and, if not, how it was
     converted and the largest change of any weight; and a summary by type.
     """
-    from mpokit.io.checkpoint import load_compressed, read_meta
-
     options = options or GGUFOptions()
     out = Path(out_path)
     explicit = metadata_from is not None
     if explicit and not Path(metadata_from).is_file():
         raise FileNotFoundError(f"expected a GGUF file to copy metadata from, got a missing path: {metadata_from}")
-    in_memory = isinstance(model_or_dir, nn.Module)
-    ckpt = None if in_memory else Path(model_or_dir)
-    meta = {} if in_memory else read_meta(ckpt)  # "expected an mpokit checkpoint at X, got ..." otherwise
+    ckpt, meta = source_meta(model_or_dir)
     source = Path(metadata_from) if explicit else source_gguf(meta)
     _check_out(out, overwrite, [p for p in (ckpt, source) if p is not None])  # before any slow work
-    model = model_or_dir if in_memory else load_compressed(ckpt)
+    model = source_model(model_or_dir, ckpt)
     check_architecture(model.config)
     kv, tokenizer_source, notes = _metadata(model, tokenizer, meta, ckpt, source, explicit)
     dense_model, dense_notes = densified_copy(model, keep=GGUF_CODES)

@@ -34,7 +34,7 @@ from torch import nn
 
 from mpokit.export.hf_template import modeling_mpokit_export as template
 from mpokit.export.hf_template.mpokit_export_layers import LAYERS as REBUILT
-from mpokit.export.tensors import densified_copy
+from mpokit.export.tensors import densified_copy, source_meta, source_model
 from mpokit.io.atomic import OutputPathError, atomic_dir, check_target
 from mpokit.layers.base import LAYERS, layer_modules
 from mpokit.version import __version__
@@ -214,17 +214,11 @@ def export_hf(model_or_dir, out_path, options: HFOptions | None = None, *, token
     folder's own by default). Returns the report: every tensor written, a summary by layer type, notes."""
     from huggingface_hub import save_torch_state_dict
 
-    from mpokit.io.checkpoint import load_compressed, read_meta
-
     options = options or HFOptions()
     out = Path(out_path)
-    in_memory = isinstance(model_or_dir, nn.Module)
-    ckpt = None if in_memory else Path(model_or_dir)
-    meta = {} if in_memory else read_meta(ckpt)  # "expected an mpokit checkpoint at X, got ..." otherwise
+    ckpt, meta = source_meta(model_or_dir)
     _check_out(out, overwrite, ckpt)  # before any slow work
-    model = model_or_dir if in_memory else load_compressed(ckpt)
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise ValueError(f"expected a transformers model, got {type(model).__name__}")
+    model = source_model(model_or_dir, ckpt)
     auto_map = _auto_map(model)
     if tokenizer is None and ckpt is not None and any((ckpt / f).is_file() for f in ("tokenizer.json",
                                                                                       "tokenizer_config.json")):

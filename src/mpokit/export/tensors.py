@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,9 +24,32 @@ from mpokit.layers.quant import QuantizedTensor, QuantLinear
 from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.surgery.replace import get_module
 
-__all__ = ["ExportTensor", "densified_copy", "collect_tensors", "rope_permutation", "GGUF_CODES"]
+__all__ = ["ExportTensor", "source_meta", "source_model", "densified_copy", "collect_tensors", "rope_permutation", "GGUF_CODES"]
 
 GGUF_CODES = (QuantLinear, QuantEmbedding)  # layers collect_tensors writes from their codes
+
+
+def source_meta(model_or_dir) -> tuple[Path | None, dict]:
+    """(checkpoint folder, its mpokit.json) of what an exporter was given; (None, {}) for a model in memory.
+
+    Read before the output is checked and before anything slow: a folder that is not a checkpoint
+    fails here with "expected an mpokit checkpoint at X, got ...".
+    """
+    from mpokit.io.checkpoint import read_meta
+
+    if isinstance(model_or_dir, nn.Module):
+        return None, {}
+    return Path(model_or_dir), read_meta(Path(model_or_dir))
+
+
+def source_model(model_or_dir, ckpt) -> nn.Module:
+    """The model to export: the one given, or the checkpoint loaded; a transformers model either way."""
+    from mpokit.io.checkpoint import load_compressed
+
+    model = model_or_dir if ckpt is None else load_compressed(ckpt)
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise ValueError(f"expected a transformers model, got {type(model).__name__}")
+    return model
 
 
 @dataclass

@@ -29,7 +29,7 @@ from mpokit.ops import quant_kernels as kernels
 from mpokit.ops.quant import (SCALE_DTYPE, Quantized, check_bits, dequantize, num_groups, pack_bits, quantize,
                               unpack_bits)
 
-__all__ = ["QuantLinear", "QuantizedTensor", "KERNELS", "set_kernel_", "kernel_paths"]
+__all__ = ["QuantLinear", "QuantizedTensor", "QuantizedWeight", "KERNELS", "set_kernel_", "kernel_paths"]
 
 KERNELS = ("auto", "fast", "always", "reference")  # auto: packed kernels for bfloat16 inputs where the grid allows
 # "fast": float32 inputs up to this many rows take the kernels. Measured on SmolLM2 int4 g64, 1 thread
@@ -126,7 +126,25 @@ class QuantizedTensor(nn.Module):
                 f"symmetric={self.symmetric}, zero_point={self.zero_point}")
 
 
-class QuantLinear(MpokitLayer, nn.Module):
+class QuantizedWeight:
+    """The grid of a layer's `qweight` (QuantLinear, QuantEmbedding)."""
+
+    qweight: QuantizedTensor
+
+    @property
+    def bits(self) -> int:
+        return self.qweight.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.qweight.group_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.qweight.symmetric
+
+
+class QuantLinear(QuantizedWeight, MpokitLayer, nn.Module):
     """Drop-in for nn.Linear with a group-wise quantized weight (2/3/4/8 bits)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
@@ -141,18 +159,6 @@ class QuantLinear(MpokitLayer, nn.Module):
         self.kernel = "auto"
         self._cached: tuple[tuple, torch.Tensor] | None = None
         self._packed_for_kernel: tuple[tuple, tuple] | None = None
-
-    @property
-    def bits(self) -> int:
-        return self.qweight.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.qweight.group_size
-
-    @property
-    def symmetric(self) -> bool:
-        return self.qweight.symmetric
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, bits: int = 4,

@@ -15,13 +15,13 @@ from torch import nn
 
 from mpokit.layers.base import MpokitLayer
 from mpokit.layers.cast import cast_dtype, check_cast, narrower
-from mpokit.layers.quant import QuantizedTensor, QuantLinear
+from mpokit.layers.quant import QuantizedTensor, QuantizedWeight, QuantLinear
 from mpokit.ops.quant import dequantize, unpack_bits
 
 __all__ = ["QuantEmbedding"]
 
 
-class QuantEmbedding(MpokitLayer, nn.Module):
+class QuantEmbedding(QuantizedWeight, MpokitLayer, nn.Module):
     """Drop-in for nn.Embedding with a group-wise quantized table (2/3/4/8 bits; 8 by default)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None,
@@ -38,18 +38,6 @@ class QuantEmbedding(MpokitLayer, nn.Module):
         self.qweight = QuantizedTensor(num_embeddings, embedding_dim, bits, group_size or embedding_dim, symmetric,
                                        zero_point, device=device)
         self.compute_dtype = dtype or torch.get_default_dtype()
-
-    @property
-    def bits(self) -> int:
-        return self.qweight.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.qweight.group_size
-
-    @property
-    def symmetric(self) -> bool:
-        return self.qweight.symmetric
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, *, bits: int = 8, group_size: int | None = None,
