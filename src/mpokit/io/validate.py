@@ -130,8 +130,8 @@ def _run_probe(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn.Module, config: Any,
-                     dtype: torch.dtype, where: Path | str) -> None:
-    """A layer built from its spec must stand where `orig` stood: same sizes, and it must run."""
+                     dtype: torch.dtype, where: Path | str, run: bool = True) -> None:
+    """A layer built from its spec must stand where `orig` stood: same sizes, and (run=True) it must run."""
     bad = f"layer {name!r} in {where} does not fit the model"
     orig_type = spec.get("orig_type")
     dims = _drop_in_dims(orig)
@@ -149,7 +149,7 @@ def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn
     if not dims and isinstance(getattr(layer, "hidden_size", None), int) and isinstance(hidden, int) \
             and layer.hidden_size != hidden:
         raise CheckpointError(f"{bad}: expected hidden_size={hidden} (config.json), got {layer.hidden_size}")
-    probe = _probe_input(layer, dtype)
+    probe = _probe_input(layer, dtype) if run else None
     if probe is None:
         return
     x, width = probe
