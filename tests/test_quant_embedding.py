@@ -82,7 +82,7 @@ def test_bad_ids_fail_like_nn_embedding():
 
 
 def test_lookup_dequantizes_only_the_requested_rows(monkeypatch):
-    import mpokit.layers.quant_embedding as qe
+    import mpokit.layers.quant as qe  # QuantizedTensor.dequantize_rows dequantizes there
 
     q = QuantEmbedding.from_embedding(table(), bits=4)
     expected = q.qweight.dequantize()[torch.tensor([7, 2, 7])]

@@ -131,3 +131,22 @@ def test_fast_takes_the_kernel_for_decoding_and_the_exact_path_for_prefill(monke
         assert calls == [1]
         x = torch.randn(1, FAST_MAX_ROWS + 1, 192)
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and calls == [1]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_large_layers_dequantize_a_slice_of_rows_at_a_time(monkeypatch, bits):
+    import mpokit.layers.quant as quant
+
+    layer = _layer(bits, 32, False, True)
+    layer.kernel = "reference"
+    x = torch.randn(3, 192)
+    with torch.no_grad():
+        whole = layer(x)
+        monkeypatch.setattr(quant, "CHUNK_NUMEL", 192 * 7)  # 7 rows per slice: 80 rows in 12 slices
+        calls = []
+        real = layer.qweight.dequantize_rows
+        monkeypatch.setattr(layer.qweight, "dequantize_rows", lambda r, d=torch.float32: calls.append(r) or real(r, d))
+        sliced = layer(x)
+    assert len(calls) == 12 and torch.allclose(sliced, whole, atol=1e-6)
+    rows = torch.tensor([5, 0, 79])
+    assert torch.equal(layer.qweight.dequantize_rows(rows), layer.qweight.dequantize()[rows])

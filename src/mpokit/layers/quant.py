@@ -35,6 +35,9 @@ KERNELS = ("auto", "fast", "always", "reference")  # auto: packed kernels for bf
 # "fast": float32 inputs up to this many rows take the kernels. Measured on SmolLM2 int4 g64, 1 thread
 # (docs/benchmarks/deploy.md): decode 17.6x faster on the kernel, a 512-token prefill 1.7x slower.
 FAST_MAX_ROWS = 32
+# The reference path dequantizes weights above this many entries a slice of rows at a time (a tied
+# 49152x576 lm_head would otherwise take 113 MB of float32, plus the unpacking, at every prefill).
+CHUNK_NUMEL = 1 << 22
 
 
 class QuantizedTensor(nn.Module):
@@ -107,6 +110,15 @@ class QuantizedTensor(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_bits(self.packed, self.bits, self.rows * self.cols).reshape(self.rows, self.cols)
         return dequantize(codes, self.scale, self.offset, self.bits, self.group_size, dtype=dtype)
+
+    def dequantize_rows(self, rows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (index tensor or slice) of the dequantized matrix, unpacking only those rows."""
+        if (self.cols * self.bits) % 8:  # rows do not start on a byte: no row slicing of the codes
+            return self.dequantize(dtype)[rows]
+        packed = self.packed.view(self.rows, self.cols * self.bits // 8)[rows]  # (n, row bytes)
+        offset = None if self.offset is None else self.offset[rows]
+        return dequantize(unpack_bits(packed, self.bits, self.cols), self.scale[rows], offset, self.bits,
+                          self.group_size, dtype=dtype)
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.offset) if t is not None)
@@ -241,7 +253,12 @@ class QuantLinear(QuantizedWeight, MpokitLayer, nn.Module):
             mm = kernels.int4_mm if path == "int4" else kernels.int8_mm
             y = mm(x, *self._kernel_weights(path))
             return y if bias is None else y + bias
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        if self.cache_weight or autograd or self.out_features * self.in_features <= CHUNK_NUMEL:
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        step = max(1, CHUNK_NUMEL // self.in_features)  # a large head: never the whole dense weight at once
+        return torch.cat([F.linear(x, self.qweight.dequantize_rows(slice(i, i + step), x.dtype),
+                                   None if bias is None else bias[i:i + step])
+                          for i in range(0, self.out_features, step)], dim=-1)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weight (the quantization error stays)."""

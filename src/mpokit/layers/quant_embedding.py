@@ -16,7 +16,6 @@ from torch import nn
 from mpokit.layers.base import MpokitLayer
 from mpokit.layers.cast import cast_dtype, check_cast, narrower
 from mpokit.layers.quant import QuantizedTensor, QuantizedWeight, QuantLinear
-from mpokit.ops.quant import dequantize, unpack_bits
 
 __all__ = ["QuantEmbedding"]
 
@@ -77,12 +76,7 @@ class QuantEmbedding(QuantizedWeight, MpokitLayer, nn.Module):
         q = self.qweight
         if not flat.numel():
             return torch.zeros(*ids.shape, q.cols, dtype=self.compute_dtype, device=ids.device)
-        row_bytes = q.cols * q.bits // 8
-        packed = q.packed.view(q.rows, row_bytes)[flat]  # (n, row_bytes): the requested rows only
-        codes = unpack_bits(packed, q.bits, q.cols)  # (n, cols)
-        offset = None if q.offset is None else q.offset[flat]
-        rows = dequantize(codes, q.scale[flat], offset, q.bits, q.group_size, dtype=self.compute_dtype)  # (n, cols)
-        return rows.reshape(*ids.shape, q.cols)
+        return q.dequantize_rows(flat, self.compute_dtype).reshape(*ids.shape, q.cols)  # the requested rows only
 
     def to_embedding(self) -> nn.Embedding:
         """A plain nn.Embedding holding the dequantized table (the quantization error stays)."""
