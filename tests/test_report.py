@@ -268,3 +268,29 @@ def test_page_in_headless_chromium(page, tmp_path):
         y0, x0 = int(i["y"]), int(i["x"])
         region = pixels[y0:y0 + int(i["rh"]), x0:x0 + int(i["rw"])]
         assert region.size and region.std() > 0.05 and (region.min(axis=-1) < 0.8).mean() > 0.01, i["name"]
+
+
+def test_compress_and_eval_write_their_run_as_a_report(tmp_path, capsys):
+    import json as _json
+
+    from mpokit.cli.main import main
+    from test_export_gguf import TOKENIZER, tiny_model
+
+    src = tmp_path / "src"
+    tiny_model().save_pretrained(src)
+    TOKENIZER.save_pretrained(src)
+    out, page = tmp_path / "q", tmp_path / "compress.html"
+    assert main(["compress", "--model", str(src), "--method", "quant", "--bits", "4", "--group-size", "32",
+                 "--out", str(out), "--report", str(page)]) == 0
+    assert page.is_file() and "<img" in page.read_text()
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    js, page2 = tmp_path / "e.json", tmp_path / "eval.html"
+    assert main(["eval", str(out), "--text", str(text), "--tokens", "96", "--context", "48", "--json", str(js),
+                 "--report", str(page2)]) == 0
+    assert repr(_json.loads(js.read_text())["perplexity"]) in page2.read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an existing page is refused before the run
+        main(["compress", "--model", str(src), "--method", "quant", "--out", str(tmp_path / "q2"),
+              "--report", str(page)])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err and not (tmp_path / "q2").exists()

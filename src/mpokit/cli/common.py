@@ -134,3 +134,37 @@ def apply_runtime(model, args) -> dict[str, Any]:
 
     model.to(getattr(torch, args.dtype))
     return {"dtype": args.dtype, "kernel": args.kernel, "kernel_paths": set_kernel_(model, args.kernel)}
+
+
+def add_report_flag(p) -> None:
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write this run as one self-contained HTML page (as `mpokit report` does); an "
+                        "existing file is refused (compress: replaced with --overwrite)")
+
+
+def check_report(args) -> None:
+    """Refuse a --report path before the run, not after it."""
+    if getattr(args, "report", None):
+        from mpokit.report import check_output
+
+        check_output(args.report, getattr(args, "overwrite", False))
+
+
+def emit_report(args, inputs: list, result: dict[str, Any] | None = None) -> None:
+    """Write --report from `inputs` (checkpoint folders, JSON files) plus this run's `result`."""
+    if not getattr(args, "report", None):
+        return
+    import tempfile
+    from pathlib import Path
+
+    from mpokit.report import write_report
+
+    with tempfile.TemporaryDirectory(prefix="mpokit-report-") as tmp:
+        if result is not None and not getattr(args, "json", None):  # the report reads results from files
+            path = Path(tmp) / "result.json"
+            path.write_text(json.dumps(result, default=str))
+            inputs = [*inputs, path]
+        elif result is not None:
+            inputs = [*inputs, args.json]
+        write_report(inputs, args.report, overwrite=getattr(args, "overwrite", False))
+    print(f"wrote {args.report}", file=sys.stderr)

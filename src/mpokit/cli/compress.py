@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from mpokit.cli.common import add_method_flags, emit_json, method_flag_values, module_names, print_table, regex
+from mpokit.cli.common import (add_method_flags, add_report_flag, check_report, emit_json, emit_report,
+                               method_flag_values, module_names, print_table, regex)
 from mpokit.methods.base import method_names
 from mpokit.methods.presets import build_config, needs_calibration
 
@@ -23,6 +24,7 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
     p.add_argument("--json", default=None, help="write the compression report as JSON here")
     p.add_argument("--layers", action="store_true", help="print one row per layer")
+    add_report_flag(p)
 
 
 def run(args) -> int:
@@ -40,6 +42,7 @@ def run(args) -> int:
     # --calibration FILE, else the offline default corpus; the report names which
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
+    check_report(args)
     loaded = load_model(args.model)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
@@ -61,4 +64,5 @@ def run(args) -> int:
                 ["model", "method", "layers", "params_before", "params_after", "kept", "mean_rel_error", "seconds"],
                 title=f"saved to {args.out}")
     emit_json(args.json, out)
+    emit_report(args, [args.out])
     return 0

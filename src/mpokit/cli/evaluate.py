@@ -1,8 +1,9 @@
 """mpokit eval: perplexity (and sizes) of a model or checkpoint."""
 from __future__ import annotations
 
-from mpokit.cli.common import (UserError, add_method_flags, add_runtime_flags, apply_runtime, emit_json, int_at_least,
-                               method_flag_values, method_flags_given, positive_int, print_table)
+from mpokit.cli.common import (UserError, add_method_flags, add_report_flag, add_runtime_flags, apply_runtime,
+                               check_report, emit_json, emit_report, int_at_least, method_flag_values,
+                               method_flags_given, positive_int, print_table)
 
 DEFAULT_CHUNK = 64  # --chunk with --kv-cache
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
@@ -30,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--abilities", action="store_true",
                    help="also score in-context learning (SST-2), CoT arithmetic and instruction following")
     p.add_argument("--json", default=None, help="write results as JSON here")
+    add_report_flag(p)
 
 
 def check_kv_options(args) -> int | None:
@@ -54,6 +56,7 @@ def run(args) -> int:
     from mpokit.io.models import load_model
 
     chunk = check_kv_options(args)  # flags first, then files, then the model
+    check_report(args)
     kv = None
     if args.kv_cache:
         from mpokit.methods.presets import build_config
@@ -92,4 +95,7 @@ def run(args) -> int:
         print_table([{"name": k, "score": r.score, "n": r.n, "chance": r.chance, "seconds": r.seconds}
                      for k, r in results.items()], ["name", "score", "n", "chance", "seconds"], title="abilities")
     emit_json(args.json, out)
+    from mpokit.io.checkpoint import is_checkpoint
+
+    emit_report(args, [loaded.path] if loaded.path and is_checkpoint(loaded.path) else [], out)
     return 0
