@@ -150,3 +150,25 @@ def test_large_layers_dequantize_a_slice_of_rows_at_a_time(monkeypatch, bits):
     assert len(calls) == 12 and torch.allclose(sliced, whole, atol=1e-6)
     rows = torch.tensor([5, 0, 79])
     assert torch.equal(layer.qweight.dequantize_rows(rows), layer.qweight.dequantize()[rows])
+
+
+def test_compress_in_bfloat16_saves_a_bfloat16_model_that_decodes_on_the_kernels(tmp_path):
+    import json
+
+    from mpokit.cli.main import main
+    from test_export_gguf import TOKENIZER, tiny_model
+
+    src = tmp_path / "src"
+    tiny_model().save_pretrained(src)
+    TOKENIZER.save_pretrained(src)
+    out = tmp_path / "q"
+    assert main(["compress", "--model", str(src), "--method", "quant", "--bits", "4", "--group-size", "32",
+                 "--dtype", "bfloat16", "--out", str(out)]) == 0
+    model = mpokit.load_compressed(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    js = tmp_path / "e.json"
+    assert main(["eval", str(out), "--text", str(text), "--tokens", "96", "--context", "48", "--dtype", "bfloat16",
+                 "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["kernel_paths"] == {"int4": 14}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from mpokit.cli.common import (add_method_flags, add_report_flag, check_report, emit_json, emit_report,
+from mpokit.cli.common import (DTYPES, add_method_flags, add_report_flag, check_report, emit_json, emit_report,
                                method_flag_values, module_names, print_table, regex)
 from mpokit.methods.base import method_names
 from mpokit.methods.presets import build_config, needs_calibration
@@ -19,6 +19,8 @@ def add_arguments(p) -> None:
     p.add_argument("--exclude", default=None, help="comma-separated module names/suffixes to skip")
     p.add_argument("--calibration", default=None,
                    help="calibration text file for activation-aware methods (default: offline pydoc corpus)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="load, compress and save the model in this dtype (default float32)")
     add_method_flags(p, "compress")  # each method's own options, declared on its config
     p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
@@ -43,7 +45,9 @@ def run(args) -> int:
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
     check_report(args)
-    loaded = load_model(args.model)
+    import torch
+
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
