@@ -46,11 +46,7 @@ class InputStats:
 
 def calibration_batches(tokenizer, text: str, tokens: int = 16384, context: int = 512) -> list[torch.Tensor]:
     """Non-overlapping windows (1, context) covering the first `tokens` tokens of text."""
-    return _windows(_prefix_ids(tokenizer, text, tokens), context)
-
-
-def _prefix_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
-    return tokenize_prefix(tokenizer, text, tokens)
+    return _windows(tokenize_prefix(tokenizer, text, tokens), context)
 
 
 def _windows(ids: torch.Tensor, context: int) -> list[torch.Tensor]:
@@ -80,7 +76,7 @@ def resolve_calibration(calibration: Calibration | None, tokenizer, tokens: int,
         raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
                          f"for {purpose}, got neither")
     text = calibration.text if calibration.text is not None else load_corpus().text
-    ids = _prefix_ids(tokenizer, text, tokens)
+    ids = tokenize_prefix(tokenizer, text, tokens)
     have, need = ids.numel(), max(2, min(tokens, context))
     if have < need:
         raise ValueError(f"expected a calibration text of at least {need} tokens (one calibration window: "

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from mpokit.export.ct_grid import CTGrid, compact_targets, ct_grid, layer_keys, scheme_args
-from mpokit.export.tensors import densified_copy, source_meta, source_model
-from mpokit.io.atomic import OutputPathError, atomic_dir, check_target
+from mpokit.export.tensors import check_folder_out, densified_copy, saved_tokenizer, source_meta, source_model
+from mpokit.io.atomic import atomic_dir
 from mpokit.layers.base import layer_modules
 from mpokit.layers.quant import QuantLinear
 from mpokit.surgery.replace import set_module
@@ -82,21 +82,6 @@ class _Plan:
     quant: dict[str, tuple[Any, CTGrid]] = field(default_factory=dict)  # name -> (QuantizedTensor, grid)
     dense_how: dict[str, str] = field(default_factory=dict)  # module name -> why it is dense
     notes: list[str] = field(default_factory=list)
-
-
-def _check_out(out: Path, overwrite: bool, ckpt: Path | None) -> None:
-    if ckpt is not None and ckpt.expanduser().resolve() in out.expanduser().resolve().parents:
-        raise OutputPathError(f"refusing to write to {out}: it would sit inside the input {ckpt}; "
-                              "choose another output folder")
-    check_target(out, overwrite=overwrite, marker=CONFIG, protect=[ckpt], what="a Hugging Face model folder")
-
-
-def _checkpoint_tokenizer(ckpt: Path):
-    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from mpokit.io.models import checkpoint_tokenizer
-
-    return checkpoint_tokenizer(ckpt)  # not through the folder's guarded config.json
 
 
 def _float_linear(layer: QuantLinear) -> nn.Linear:
@@ -264,10 +249,9 @@ def export_compressed_tensors(model_or_dir, out_path, options: CTOptions | None 
     options = options or CTOptions()
     out = Path(out_path)
     ckpt, meta = source_meta(model_or_dir)
-    _check_out(out, overwrite, ckpt)  # before any slow work
+    check_folder_out(out, overwrite, ckpt, CONFIG, "a Hugging Face model folder")
     model = source_model(model_or_dir, ckpt)
-    if tokenizer is None and ckpt is not None:
-        tokenizer = _checkpoint_tokenizer(ckpt)
+    tokenizer = tokenizer if tokenizer is not None else saved_tokenizer(ckpt)
     plan = _plan(model, options.unsupported)
     groups = _compress_(plan) if plan.quant else {}
     rows = _quant_rows(plan)

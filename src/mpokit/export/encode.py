@@ -27,7 +27,6 @@ import torch
 
 from mpokit.export.blocks import (BLOCK, pack_q4_0, pack_q4_1, pack_q5_0, pack_q8_0, per_block, per_column, decode,
                                   reference_quantize)
-from mpokit.ops.quant import unpack_bits
 
 __all__ = ["Encoded", "encode_quantized", "encode_dense", "measure"]
 
@@ -51,7 +50,7 @@ class Encoded:
 
 
 def _codes(qt) -> torch.Tensor:
-    return unpack_bits(qt.packed, qt.bits, qt.rows * qt.cols).reshape(qt.rows, qt.cols).to(torch.int16)  # (rows, cols)
+    return qt.codes().to(torch.int16)  # (rows, cols)
 
 
 def _mode(qt) -> str:

@@ -30,8 +30,6 @@ __all__ = ["GGUFOptions", "export_gguf", "INT4_ZERO_POINT", "CONVERT", "DENSE"]
 INT4_ZERO_POINT = ("q4_1", "q5_0")  # 4-bit zero-point grids: Q4_1 (offset rounded to fp16) or Q5_0 (exact, +10%)
 CONVERT = ("f16", "q8_0", "f32")  # grids no GGUF type holds: dequantized floats, or gguf's Q8_0 quantizer
 DENSE = ("auto", "f32", "f16")  # unquantized tensors: the smallest exact form, or a fixed float type
-# The default model's recorded source (io.models describes the alias, not its file).
-_DEFAULT_SOURCE_PREFIX = "SmolLM2-135M-Instruct (GGUF"
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
                "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
 
@@ -133,9 +131,9 @@ def source_gguf(meta: dict) -> Path | None:
         return None
     if source.lower().endswith(".gguf") and Path(source).expanduser().is_file():
         return Path(source).expanduser()
-    if source.startswith(_DEFAULT_SOURCE_PREFIX):
-        from mpokit.io.models import default_gguf_path
+    from mpokit.io.models import DEFAULT_MODEL, default_gguf_path, embedded_alias
 
+    if embedded_alias(source) == DEFAULT_MODEL:
         with contextlib.suppress(FileNotFoundError):
             return default_gguf_path()
     return None

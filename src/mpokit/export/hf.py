@@ -34,8 +34,8 @@ from torch import nn
 
 from mpokit.export.hf_template import modeling_mpokit_export as template
 from mpokit.export.hf_template.mpokit_export_layers import LAYERS as REBUILT
-from mpokit.export.tensors import densified_copy, source_meta, source_model
-from mpokit.io.atomic import OutputPathError, atomic_dir, check_target
+from mpokit.export.tensors import check_folder_out, densified_copy, saved_tokenizer, source_meta, source_model
+from mpokit.io.atomic import atomic_dir
 from mpokit.layers.base import LAYERS, layer_modules
 from mpokit.version import __version__
 
@@ -72,13 +72,6 @@ class HFOptions:
 
 def template_files(folder: Path = TEMPLATE) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.py") if p.name != "__init__.py")
-
-
-def _check_out(out: Path, overwrite: bool, ckpt: Path | None) -> None:
-    if ckpt is not None and ckpt.expanduser().resolve() in out.expanduser().resolve().parents:
-        raise OutputPathError(f"refusing to write to {out}: it would sit inside the input {ckpt}; "
-                              "choose another output folder")
-    check_target(out, overwrite=overwrite, marker=MODELING_FILE, protect=[ckpt], what=_WHAT)
 
 
 def _auto_map(model: nn.Module) -> dict[str, str]:
@@ -217,14 +210,10 @@ def export_hf(model_or_dir, out_path, options: HFOptions | None = None, *, token
     options = options or HFOptions()
     out = Path(out_path)
     ckpt, meta = source_meta(model_or_dir)
-    _check_out(out, overwrite, ckpt)  # before any slow work
+    check_folder_out(out, overwrite, ckpt, MODELING_FILE, _WHAT)
     model = source_model(model_or_dir, ckpt)
     auto_map = _auto_map(model)
-    if tokenizer is None and ckpt is not None and any((ckpt / f).is_file() for f in ("tokenizer.json",
-                                                                                      "tokenizer_config.json")):
-        from mpokit.io.models import checkpoint_tokenizer
-
-        tokenizer = checkpoint_tokenizer(ckpt)
+    tokenizer = tokenizer if tokenizer is not None else saved_tokenizer(ckpt)
     keep = tuple(cls for name, cls in LAYERS.items() if name in REBUILT)
     model, dense_notes = densified_copy(model, keep=keep)
     specs = _specs(model)

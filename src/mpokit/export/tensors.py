@@ -24,7 +24,8 @@ from mpokit.layers.quant import QuantizedTensor, QuantLinear
 from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.surgery.replace import get_module
 
-__all__ = ["ExportTensor", "source_meta", "source_model", "densified_copy", "collect_tensors", "rope_permutation", "GGUF_CODES"]
+__all__ = ["ExportTensor", "source_meta", "source_model", "check_folder_out", "saved_tokenizer", "densified_copy",
+           "collect_tensors", "rope_permutation", "GGUF_CODES"]
 
 GGUF_CODES = (QuantLinear, QuantEmbedding)  # layers collect_tensors writes from their codes
 
@@ -40,6 +41,26 @@ def source_meta(model_or_dir) -> tuple[Path | None, dict]:
     if isinstance(model_or_dir, nn.Module):
         return None, {}
     return Path(model_or_dir), read_meta(Path(model_or_dir))
+
+
+def check_folder_out(out: Path, overwrite: bool, ckpt: Path | None, marker: str, what: str) -> None:
+    """Refuse an output folder inside the input checkpoint, or one that is not a folder this export wrote
+    (recognised by `marker`), before anything slow happens."""
+    from mpokit.io.atomic import OutputPathError, check_target
+
+    if ckpt is not None and ckpt.expanduser().resolve() in out.expanduser().resolve().parents:
+        raise OutputPathError(f"refusing to write to {out}: it would sit inside the input {ckpt}; "
+                              "choose another output folder")
+    check_target(out, overwrite=overwrite, marker=marker, protect=[ckpt], what=what)
+
+
+def saved_tokenizer(ckpt: Path | None):
+    """The tokenizer saved with a checkpoint, or None when it has none (or there is no checkpoint)."""
+    if ckpt is None or not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from mpokit.io.models import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(ckpt)  # not through the folder's guarded config.json
 
 
 def source_model(model_or_dir, ckpt) -> nn.Module:

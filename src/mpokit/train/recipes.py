@@ -139,10 +139,6 @@ def _task(o: FinetuneOptions) -> str:
     return "causal-lm" if o.task == "lm" else "sequence-classification"
 
 
-# The labels load_model gives the embedded models (what mpokit compress records as their source).
-_EMBEDDED = {"SmolLM2-135M-Instruct (GGUF": None, "all-MiniLM-L6-v2": "minilm"}
-
-
 def _recorded_source(loaded) -> str | None:
     """The model an mpokit checkpoint was made from: its mpokit.json "source" (else the report's "model")."""
     from mpokit.io.checkpoint import is_checkpoint, read_meta
@@ -156,7 +152,7 @@ def _recorded_source(loaded) -> str | None:
 
 def _source_loader(o: FinetuneOptions, loaded):
     """() -> (model, label) of the recorded source model, for TrainContext.load_source."""
-    from mpokit.io.models import load_model
+    from mpokit.io.models import embedded_alias, load_model
 
     source = _recorded_source(loaded)
 
@@ -164,7 +160,7 @@ def _source_loader(o: FinetuneOptions, loaded):
         if source is None:
             raise ValueError(f"expected a checkpoint that records its source model (mpokit compress does), got none "
                              f"in {o.model}; pass --teacher MODEL, or --recover-loss lm")
-        spec = next((v for k, v in _EMBEDDED.items() if source.startswith(k)), source)
+        spec = embedded_alias(source) or source
         try:
             return load_model(spec, task=_task(o)).model, source
         except FileNotFoundError as e:
@@ -196,8 +192,9 @@ def _context(o: FinetuneOptions, loaded, train, collator, lr: float) -> TrainCon
                         load_source=_source_loader(o, loaded))
 
 
-def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict) -> dict:
-    """The run's figures, each labelled with its text: "eval" (held out or --eval-data), and for lm "ood"."""
+def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict, ood: tuple[str, str] | None) -> dict:
+    """The run's figures, each labelled with its text: "eval" (held out or --eval-data), and for lm "ood"
+    (`ood`: the (text, name) of _ood_text)."""
     from mpokit.train.evaluate import accuracy, perplexity_entry
 
     if o.task == "sst2":
@@ -206,10 +203,11 @@ def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict)
                                                                         "rows": len(evaluation)}}
     name, extra = label["text"], {k: v for k, v in label.items() if k != "text"}
     ev = perplexity_entry(model, tok, evaluation, name, o.eval_tokens, o.context, **extra)
-    ood_text, ood_name = _ood_text(o)
-    ood = perplexity_entry(model, tok, ood_text, ood_name, o.eval_tokens, o.context,
-                           note="out-of-domain text, not trained on")
-    return {"perplexity": ev["perplexity"], "eval_tokens": ev["tokens"], "context": o.context, "eval": ev, "ood": ood}
+    ood_text, ood_name = ood
+    ood_entry = perplexity_entry(model, tok, ood_text, ood_name, o.eval_tokens, o.context,
+                                 note="out-of-domain text, not trained on")
+    return {"perplexity": ev["perplexity"], "eval_tokens": ev["tokens"], "context": o.context, "eval": ev,
+            "ood": ood_entry}
 
 
 def finetune(o: FinetuneOptions) -> dict:
@@ -223,7 +221,7 @@ def finetune(o: FinetuneOptions) -> dict:
     loaded = _load(o)
     model, tok = loaded.model, loaded.tokenizer
     train, evaluation, collator, label = _datasets(o, tok)
-    _ood_text(o)  # a bad --ood-data fails before training, not after
+    ood = _ood_text(o)  # read before training: a bad --ood-data fails now, not after
     lr = o.lr if o.lr is not None else method.default_lr
     ctx = _context(o, loaded, train, collator, lr)
     prepared = method.prepare(model, ctx)
@@ -241,7 +239,7 @@ def finetune(o: FinetuneOptions) -> dict:
            "trainable_params": trainable, "params": count_params(model), "train_loss": result.train_loss,
            "selected": [], "squeeze": None, **prepared.info, **outcome.info, "resumed_from": result.resumed_from,
            "config": method.to_dict()}
-    out.update(_evaluate(o, model, tok, evaluation, collator, label))
+    out.update(_evaluate(o, model, tok, evaluation, collator, label, ood))
     # the run owns out/model; the source it records is the teacher of a later `recover`
     source = _recorded_source(loaded) or loaded.source
     out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, extra={"source": source},

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from mpokit.layers.mpo import MPOLinear
 from mpokit.layers.quant import QuantLinear
-from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.layers.quant_mpo import QuantMPOLinear
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.quant.config import QuantConfig
@@ -63,10 +62,6 @@ def quantize_module(module: nn.Module, config: QuantConfig) -> nn.Module:
                                   cache_weight=config.cache_weight, **kw)
     new.orig_type = type(module).__name__
     return new
-
-
-def _group_of(layer: nn.Module) -> int:
-    return layer.qweight.group_size if isinstance(layer, (QuantLinear, QuantEmbedding)) else layer.group_size
 
 
 def _dense_bytes(module: nn.Module) -> int:
@@ -125,10 +120,10 @@ class _Recorder:
         err = (w - w_hat).norm().item() / max(w.norm().item(), 1e-30)
         after = new.storage_bytes()
         self.bytes_before, self.bytes_after = self.bytes_before + before, self.bytes_after + after
-        detail = {"bits": bits or self.config.bits, "group_size": _group_of(new), "sqnr_db": sqnr_db(w, w_hat),
+        detail = {"bits": bits or self.config.bits, "group_size": new.group_size, "sqnr_db": sqnr_db(w, w_hat),
                   "bytes_before": before, "bytes_after": after}
         if gram is not None:  # output error on the calibration inputs, and what RTN would give there
-            rtn = fake_quantize(w, self.config.bits, _group_of(new), self.config.symmetric,
+            rtn = fake_quantize(w, self.config.bits, new.group_size, self.config.symmetric,
                                 zero_point=self.config.zero_point)
             detail.update(output_rel_error=output_error(w, w_hat, gram), rtn_output_rel_error=output_error(w, rtn, gram))
         kind = kind or ("quant-mpo" if isinstance(new, QuantMPOLinear) else ("gptq" if gram is not None else "quant"))
