@@ -16,7 +16,7 @@ import mpokit
 from mpokit.cli.main import main
 from mpokit.export import CTOptions, export_compressed_tensors
 from mpokit.io.checkpoint import is_checkpoint
-from test_export_gguf import TOKENIZER, quantized, tiny_model
+from test_export_gguf import TOKENIZER, assert_export_refuses, quantized, tiny_model
 
 pytest.importorskip("compressed_tensors")
 
@@ -296,14 +296,7 @@ def test_cli_bad_input_exits_2(ckpt, capsys, args, message):
     (ckpt / "exists" / "config.json").write_text("{}")
     (ckpt / "not-a-model").mkdir(exist_ok=True)
     (ckpt / "not-a-model" / "notes.txt").write_text("mine")
-    argv = ["export"] + [a.format(root=ckpt) for a in args] + ["--format", "compressed-tensors"]
-    if "--out" not in argv:
-        argv += ["--out", str(ckpt / "never")]
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert_export_refuses(ckpt, args, "never", capsys, message, ["--format", "compressed-tensors"])
     assert (ckpt / "exists" / "config.json").read_text() == "{}" and (ckpt / "not-a-model" / "notes.txt").exists()
     assert not (ckpt / "never").exists() and not (ckpt / "ckpt" / "inside").exists()
     assert is_checkpoint(ckpt / "ckpt")

@@ -230,6 +230,19 @@ def test_cli_exports_a_checkpoint(ckpt, capsys):
     assert torch.equal(*logits_pair(model, out))
 
 
+def assert_export_refuses(root, args: list[str], default_out: str, capsys, message: str, fmt: list[str] = ()) -> None:
+    """`mpokit export` with `args` ({root} filled in; --out default_out unless given) exits 2 with one line
+    holding `message`."""
+    argv = ["export"] + [a.format(root=root) for a in args] + list(fmt)
+    if "--out" not in argv:
+        argv += ["--out", str(root / default_out)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["{root}"], "expected an mpokit checkpoint"),  # a folder without mpokit.json
     (["{root}/ckpt", "--out", "{root}/cli-exists.gguf"], "exists; pass --overwrite"),
@@ -243,14 +256,7 @@ def test_cli_bad_input_exits_2(ckpt, capsys, args, message):
     (ckpt / "cli-exists.gguf").write_bytes(b"not ours")
     if not (ckpt / "gpt2").exists():
         mpokit.save_compressed(tiny_gpt2(), ckpt / "gpt2")
-    argv = ["export"] + [a.format(root=ckpt) for a in args]
-    if "--out" not in argv:
-        argv += ["--out", str(ckpt / "never.gguf")]
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert_export_refuses(ckpt, args, "never.gguf", capsys, message)
     assert (ckpt / "cli-exists.gguf").read_bytes() == b"not ours" and not (ckpt / "never.gguf").exists()
 
 

@@ -25,7 +25,7 @@ from mpokit.export.hf_template import modeling_mpokit_export as template
 from mpokit.export.hf_template import mpokit_export_layers as layers
 from mpokit.export.hf_template import mpokit_export_ops as ops
 from mpokit.io.checkpoint import is_checkpoint
-from test_export_gguf import TOKENIZER, tiny_model
+from test_export_gguf import TOKENIZER, assert_export_refuses, tiny_model
 
 pytest.importorskip("accelerate")
 
@@ -332,14 +332,7 @@ def test_cli_bad_input_exits_2(ckpt, capsys, args, message):
     (ckpt / "exists" / MODELING_FILE).write_text("")
     (ckpt / "not-an-export").mkdir(exist_ok=True)
     (ckpt / "not-an-export" / "config.json").write_text("{}")
-    argv = ["export"] + [a.format(root=ckpt) for a in args] + ["--format", "hf"]
-    if "--out" not in argv:
-        argv += ["--out", str(ckpt / "never")]
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert_export_refuses(ckpt, args, "never", capsys, message, ["--format", "hf"])
     assert (ckpt / "exists" / "config.json").read_text() == "{}" and (ckpt / "not-an-export" / "config.json").exists()
     assert not (ckpt / "never").exists() and not (ckpt / "ckpt" / "inside").exists()
     assert is_checkpoint(ckpt / "ckpt")
