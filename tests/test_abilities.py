@@ -1,4 +1,4 @@
-"""eval/abilities (generators, checkers, scoring) and the lm-eval adapter."""
+"""eval/abilities (generators, checkers, scoring); the lm-eval adapter's tests are in test_lm_eval.py."""
 from __future__ import annotations
 
 import re
@@ -167,32 +167,3 @@ def test_dequantized_once_restores_flags():
             assert all(m.cache_weight for m in model.modules() if isinstance(m, QuantLinear))
             assert torch.equal(model(ids).logits, ref)
     assert not any(m.cache_weight for m in model.modules() if isinstance(m, QuantLinear))
-
-
-def test_lm_eval_adapter_scores_like_the_model():
-    pytest.importorskip("lm_eval")
-    from lm_eval.api.instance import Instance
-
-    from mpokit import compress_
-    from mpokit.integrations.lm_eval_adapter import mpokit_lm
-    from mpokit.methods import QuantConfig
-
-    tok = word_tokenizer()
-    model = tiny_llama_for(tok)
-    compress_(model, QuantConfig(bits=4, group_size=16), progress=False)
-    lm = mpokit_lm(model, tok, batch_size=1)
-    context, continuation = "the film was", " great"
-    req = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
-    (ll, _), = lm.loglikelihood([req])
-    ids = tok(context + continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0, -2].float(), -1)[ids[0, -1]].item()
-    assert ll == pytest.approx(logp, abs=1e-4)
-
-
-def test_lm_eval_adapter_says_how_to_install(monkeypatch):
-    from mpokit.integrations import lm_eval_adapter
-
-    monkeypatch.setattr(lm_eval_adapter, "is_lm_eval_available", lambda: False)
-    with pytest.raises(ImportError, match="pip install lm-eval"):
-        lm_eval_adapter.mpokit_lm(nn.Linear(2, 2))

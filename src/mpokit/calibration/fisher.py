@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.ops.whiten import output_factor
 from mpokit.surgery.replace import get_module
 
-__all__ = ["collect_output_fisher"]
+__all__ = ["collect_output_fisher", "loss_row_weights"]
 
 
 def collect_output_fisher(model: nn.Module, names: list[str], batches: list[torch.Tensor], full_max: int = 0,
@@ -65,3 +66,17 @@ def collect_output_fisher(model: nn.Module, names: list[str], batches: list[torc
     if missing:
         raise ValueError(f"expected every layer to receive a loss gradient, got none for {missing[:3]}")
     return fisher
+
+
+def loss_row_weights(model: nn.Module, names: list[str], batches: list[torch.Tensor], tokens: int, damp: float,
+                     full_max: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """name -> R (ops.whiten.output_factor of G, float32) from the first `tokens` calibration tokens: the
+    output-side weighting that turns a layer's output error into a K-FAC estimate of the loss increase."""
+    used, count = [], 0
+    for b in batches:
+        if count >= tokens:
+            break
+        used.append(b)
+        count += b.numel()
+    fisher = collect_output_fisher(model, names, used, full_max=full_max, progress=progress)
+    return {n: output_factor(fisher.pop(n), damp).float() for n in names}

@@ -15,7 +15,7 @@ from mpokit.methods.checks import (fraction, int_at_least, nonnegative_float, no
 
 __all__ = ["print_table", "emit_json", "fmt", "fail", "UserError", "positive_int", "nonnegative_int", "int_at_least",
            "positive_float", "nonnegative_float", "fraction", "regex", "module_names", "add_method_flags",
-           "method_flag_values"]
+           "method_flag_values", "DTYPES", "add_device_flag", "resolve_device"]
 
 
 class UserError(ValueError):
@@ -111,6 +111,37 @@ def method_flags_given(args, kind: str) -> list[str]:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: the form only; whether the device is there is checked at run time."""
+    name = text.strip().lower()
+    if name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name):
+        return name
+    raise argparse.ArgumentTypeError(f"expected a device: {DEVICE_FORMS}, got {text!r}")
+
+
+def add_device_flag(p, what: str) -> None:
+    p.add_argument("--device", type=device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                   help=f"{what} (default auto: cuda when torch.cuda.is_available(), else cpu)")
+
+
+def resolve_device(name: str):
+    """The torch.device --device names; one that is not available here is a user error (exit 2)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"expected an available device, got {name}: torch.cuda.is_available() is False")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise UserError(f"expected an available device, got {name}: torch.cuda.device_count() is {count}")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"expected an available device, got {name}: torch.backends.mps.is_available() is False")
+    return torch.device(name)
 
 
 def add_runtime_flags(p) -> None:
@@ -127,13 +158,19 @@ def add_runtime_flags(p) -> None:
 
 
 def apply_runtime(model, args) -> dict[str, Any]:
-    """Cast the model to --dtype and set --kernel; returns what to report (dtype, layers per kernel path)."""
+    """Cast the model to --dtype, move it to --device (when the command has one) and set --kernel; returns
+    what to report (dtype, device, layers per kernel path: the packed kernels run on CPU tensors only)."""
     import torch
 
     from mpokit.layers.quant import set_kernel_
 
     model.to(getattr(torch, args.dtype))
-    return {"dtype": args.dtype, "kernel": args.kernel, "kernel_paths": set_kernel_(model, args.kernel)}
+    out = {"dtype": args.dtype}
+    if getattr(args, "device", None) is not None:
+        device = resolve_device(args.device)
+        model.to(device)
+        out["device"] = str(device)
+    return {**out, "kernel": args.kernel, "kernel_paths": set_kernel_(model, args.kernel)}
 
 
 def add_report_flag(p) -> None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import time
 
-from mpokit.cli.common import (DTYPES, add_method_flags, add_report_flag, check_report, emit_json, emit_report,
-                               method_flag_values, module_names, print_table, regex)
+from mpokit.cli.common import (DTYPES, add_device_flag, add_method_flags, add_report_flag, check_report, emit_json,
+                               emit_report, method_flag_values, module_names, print_table, regex, resolve_device)
 from mpokit.methods.base import method_names
 from mpokit.methods.presets import build_config, needs_calibration
 
@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
                    help="calibration text file for activation-aware methods (default: offline pydoc corpus)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="load, compress and save the model in this dtype (default float32)")
+    add_device_flag(p, "where the model is put for compression: calibration and factorizations run there; the "
+                       "checkpoint is written from CPU tensors either way")
     add_method_flags(p, "compress")  # each method's own options, declared on its config
     p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
@@ -45,15 +47,18 @@ def run(args) -> int:
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
     check_report(args)
+    device = resolve_device(args.device)
     import torch
 
     loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
+    loaded.model.to(device)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
     seconds = time.perf_counter() - start
+    loaded.model.to("cpu")
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
-           "seconds": seconds, "calibration": calibration.name if calibration else None}
+           "seconds": seconds, "device": str(device), "calibration": calibration.name if calibration else None}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
                     overwrite=args.overwrite, protect=[args.model, loaded.path])
     if args.layers:

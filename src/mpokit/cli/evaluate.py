@@ -1,9 +1,9 @@
-"""mpokit eval: perplexity (and sizes) of a model or checkpoint."""
+"""mpokit eval: perplexity (and sizes) of a model or checkpoint; optionally abilities and lm-eval tasks."""
 from __future__ import annotations
 
-from mpokit.cli.common import (UserError, add_method_flags, add_report_flag, add_runtime_flags, apply_runtime,
-                               check_report, emit_json, emit_report, int_at_least, method_flag_values,
-                               method_flags_given, positive_int, print_table)
+from mpokit.cli.common import (UserError, add_device_flag, add_method_flags, add_report_flag, add_runtime_flags,
+                               apply_runtime, check_report, emit_json, emit_report, int_at_least, method_flag_values,
+                               method_flags_given, nonnegative_int, positive_int, print_table, resolve_device)
 
 DEFAULT_CHUNK = 64  # --chunk with --kv-cache
 HELP = "perplexity over the first N tokens of a text in windows of L tokens, plus parameter/byte counts"
@@ -18,6 +18,7 @@ def add_arguments(p) -> None:
                    help="window length (default 512; at most the model's positions)")
     p.add_argument("--batch-size", type=positive_int, default=4)
     add_runtime_flags(p)
+    add_device_flag(p, "where the model runs (perplexity, abilities and --lm-eval)")
     from mpokit.methods.base import method_names
 
     p.add_argument("--kv-cache", default=None, choices=method_names("kv-cache"),
@@ -30,6 +31,14 @@ def add_arguments(p) -> None:
                         f"with --kv-cache; must be below the window length so that later pieces read the cache)")
     p.add_argument("--abilities", action="store_true",
                    help="also score in-context learning (SST-2), CoT arithmetic and instruction following")
+    p.add_argument("--lm-eval", action="append", default=None, metavar="TASK_OR_YAML",
+                   help="also run lm-evaluation-harness: a registered task, group or tag name (arc_easy), or a path "
+                        "to a task YAML file (its folder is searched for its includes; local data via dataset_path "
+                        "json/csv and data_files needs no network); repeat for more tasks (needs `lm-eval`)")
+    p.add_argument("--lm-eval-limit", type=positive_int, default=None,
+                   help="with --lm-eval: at most this many examples per task (default: all)")
+    p.add_argument("--lm-eval-fewshot", type=nonnegative_int, default=None,
+                   help="with --lm-eval: few-shot examples per prompt (default: each task's own)")
     p.add_argument("--json", default=None, help="write results as JSON here")
     add_report_flag(p)
 
@@ -50,12 +59,39 @@ def check_kv_options(args) -> int | None:
     return chunk
 
 
+def check_lm_eval(args):
+    """(TaskManager, task names) for --lm-eval, else None; its options without it are an error."""
+    if not args.lm_eval:
+        given = [f for f, v in (("--lm-eval-limit", args.lm_eval_limit), ("--lm-eval-fewshot", args.lm_eval_fewshot))
+                 if v is not None]
+        if given:
+            raise UserError(f"expected {', '.join(given)} only with --lm-eval, got it without")
+        return None
+    from mpokit.integrations.lm_eval_adapter import task_manager_for
+
+    return task_manager_for(args.lm_eval)
+
+
+def run_lm_eval_tasks(model, tokenizer, tasks, args) -> dict:
+    """Run the --lm-eval tasks on the loaded model; print one row per metric; returns the JSON part."""
+    from mpokit.integrations.lm_eval_adapter import metric_rows, run_lm_eval, summarize_results
+
+    manager, names = tasks
+    res = run_lm_eval(model, names, tokenizer=tokenizer, num_fewshot=args.lm_eval_fewshot, limit=args.lm_eval_limit,
+                      batch_size=args.batch_size, task_manager=manager, log_samples=False)
+    summary = {"tasks": args.lm_eval, **summarize_results(res)}
+    print_table(metric_rows(summary), ["task", "metric", "filter", "value", "stderr", "n"], title="lm-eval")
+    return summary
+
+
 def run(args) -> int:
     from mpokit.eval.perplexity import check_positions, load_corpus, perplexity
     from mpokit.eval.size import count_params, param_bytes
     from mpokit.io.models import load_model
 
     chunk = check_kv_options(args)  # flags first, then files, then the model
+    resolve_device(args.device)
+    lm_tasks = check_lm_eval(args)
     check_report(args)
     kv = None
     if args.kv_cache:
@@ -94,6 +130,8 @@ def run(args) -> int:
         out["abilities"] = {k: r.to_dict() for k, r in results.items()}
         print_table([{"name": k, "score": r.score, "n": r.n, "chance": r.chance, "seconds": r.seconds}
                      for k, r in results.items()], ["name", "score", "n", "chance", "seconds"], title="abilities")
+    if lm_tasks is not None:
+        out["lm_eval"] = run_lm_eval_tasks(loaded.model, loaded.tokenizer, lm_tasks, args)
     emit_json(args.json, out)
     from mpokit.io.checkpoint import is_checkpoint
 

@@ -3,7 +3,7 @@ compressed-tensors: a Hugging Face folder plain transformers loads with the comp
 hf: a self-contained transformers folder, mpokit's layers in its modeling file, trust_remote_code=True)."""
 from __future__ import annotations
 
-from mpokit.cli.common import emit_json, print_table
+from mpokit.cli.common import DTYPES, UserError, add_device_flag, emit_json, print_table, resolve_device
 from mpokit.export import FORMATS
 from mpokit.export.compressed_tensors import UNSUPPORTED
 from mpokit.export.gguf import CONVERT, DENSE, INT4_ZERO_POINT
@@ -13,7 +13,11 @@ HELP = ("export a checkpoint to another format (gguf: for llama.cpp and transfor
         "loads without mpokit, trust_remote_code=True)")
 # The options each format takes; one given for another format is a usage error.
 OWN = {"gguf": ("metadata_from", "int4_zero_point", "convert", "dense"), "compressed-tensors": ("unsupported", "dense"),
-       "hf": ("max_shard_size",)}
+       "hf": ("max_shard_size", "dtype")}
+# Why --dtype does not apply to a format: its tensor types are fixed by codes and its own flags.
+NO_DTYPE = {"gguf": "each GGUF tensor's type is its layer's codes (Q4_0, Q8_0, ...) or what --dense and --convert "
+                    "choose (F32, F16, Q8_0)",
+            "compressed-tensors": "quantized layers keep their codes and scales, other tensors take --dense (f16, f32)"}
 # (per-tensor columns, summary columns) of the printed tables
 _COLUMNS = {"gguf": (["name", "shape", "type", "exact", "bytes", "max_abs_diff", "inexact_blocks"],
                      ["type", "how", "tensors", "exact", "bytes", "max_abs_diff", "inexact_blocks"]),
@@ -47,12 +51,22 @@ def add_arguments(p) -> None:
     p.add_argument("--max-shard-size", default=None,
                    help="hf: largest safetensors file before the weights are split into shards with an index, "
                         "e.g. 2GB or 500MB (default: 2GB)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="hf: compute dtype of the exported model: its float tensors (MPO cores, dense weights, "
+                        "norms) are cast to it; quantized layers keep their codes and float16 scales and dequantize "
+                        "into it (default: the checkpoint's dtype); gguf and compressed-tensors refuse it (their "
+                        "--dense chooses float tensor types)")
+    add_device_flag(p, "where the checkpoint is loaded and cast for --dtype; encoding runs on the CPU and the files "
+                       "always hold CPU tensors")
     p.add_argument("--tensors", action="store_true", help="print one row per tensor")
     p.add_argument("--json", default=None, help="write the export report as JSON here")
 
 
 def _options(args):
     """(options, keywords) of the chosen format; a flag of another format is a usage error."""
+    if args.dtype is not None and args.format in NO_DTYPE:
+        raise UserError(f"expected --dtype only with --format hf, got it with --format {args.format}: "
+                        f"{NO_DTYPE[args.format]}")
     others = {k for fmt, keys in OWN.items() if fmt != args.format for k in keys} - set(OWN[args.format])
     given = [f"--{k.replace('_', '-')}" for k in sorted(others) if getattr(args, k) is not None]
     if given:
@@ -72,9 +86,42 @@ def _options(args):
     return CTOptions(dense=args.dense or "auto", unsupported=args.unsupported or "dense"), {}
 
 
+def _cast_checkpoint(args, device, kw: dict):
+    """(model, keywords, mpokit.json) for --dtype: the checkpoint loaded on `device`, cast, back on the CPU.
+
+    The exporter is then handed a model in memory, so the checks it makes against the input folder
+    (output not inside it, never over it) and the tokenizer it would read from it are done here.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from mpokit.export.hf import _WHAT, MODELING_FILE
+    from mpokit.export.tensors import check_folder_out, saved_tokenizer, source_meta
+    from mpokit.io.checkpoint import load_compressed
+
+    ckpt, meta = source_meta(args.path)
+    check_folder_out(Path(args.out), args.overwrite, ckpt, MODELING_FILE, _WHAT)
+    model = load_compressed(ckpt, device=device)
+    model.to(getattr(torch, args.dtype))  # a layer whose tensors overflow float16 refuses (CastOverflowError)
+    return model.to("cpu"), {**kw, "tokenizer": saved_tokenizer(ckpt)}, meta
+
+
 def run(args) -> int:
     options, kw = _options(args)
-    report = FORMATS[args.format](args.path, args.out, options, overwrite=args.overwrite, **kw)
+    device = resolve_device(args.device)
+    source, meta = args.path, None
+    if args.dtype is not None:
+        source, kw, meta = _cast_checkpoint(args, device, kw)
+    report = FORMATS[args.format](source, args.out, options, overwrite=args.overwrite, **kw)
+    report["device"] = str(device) if args.dtype is not None else "cpu"
+    if meta is not None:
+        report["source"], report["dtype"] = meta.get("source"), args.dtype
+        report["notes"].append(f"float tensors cast to {args.dtype} (from the checkpoint's {meta.get('dtype')}) on "
+                               f"{device}; quantized layers keep their codes and scales, dequantized into {args.dtype}")
+    elif args.device != "auto" and device.type != "cpu":  # asked for, but there is no work for it
+        report["notes"].append(f"--device {args.device}: nothing to compute there without --dtype; the checkpoint "
+                               "was read, encoded and written on the CPU")
     per_tensor, summary = _COLUMNS[args.format]
     if args.tensors:
         print_table(report["tensors"], per_tensor)

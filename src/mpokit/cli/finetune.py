@@ -1,8 +1,9 @@
 """mpokit finetune: adapt a model (MPOP, recovery, OPF, OPDF, LoRA, full) with Hugging Face Trainer."""
 from __future__ import annotations
 
-from mpokit.cli.common import (add_method_flags, emit_json, int_at_least, method_flag_values, nonnegative_float,
-                               nonnegative_int, positive_float, positive_int, print_table)
+from mpokit.cli.common import (UserError, add_device_flag, add_method_flags, emit_json, int_at_least,
+                               method_flag_values, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                               print_table, resolve_device)
 
 HELP = "fine-tune a model or compressed checkpoint (causal LM on a text file, or SST-2) and report the metric"
 
@@ -55,12 +56,24 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop training after this many wall-clock minutes (schedule still follows --max-steps)")
+    add_device_flag(p, "where Hugging Face Trainer trains: cpu (its use_cpu), cuda (every visible GPU, as Trainer "
+                       "does; pick one with CUDA_VISIBLE_DEVICES) or mps")
+
+
+def trainer_use_cpu(name: str) -> bool | None:
+    """Trainer's use_cpu for --device (None: Trainer's own choice); the device must be available."""
+    device = resolve_device(name)
+    if device.index is not None:
+        raise UserError(f"expected --device auto, cpu, cuda or mps for finetune, got {name}: Hugging Face Trainer "
+                        f"uses every visible GPU; choose one with CUDA_VISIBLE_DEVICES={device.index}")
+    return None if name == "auto" else device.type == "cpu"
 
 
 def run(args) -> int:
     from mpokit.methods.presets import build_config
     from mpokit.train.recipes import FinetuneOptions, finetune
 
+    use_cpu = trainer_use_cpu(args.device)
     method = build_config(args.method, kind="finetune", **method_flag_values(args, "finetune"))
     opts = FinetuneOptions(
         model=args.model, method=method, task=args.task, data=args.data, max_steps=args.max_steps, out=args.out,
@@ -69,8 +82,9 @@ def run(args) -> int:
         context=args.context, eval_limit=args.eval_limit,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         resume=args.resume_from or args.resume, scheduler=args.scheduler, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes)
+        weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes, use_cpu=use_cpu)
     out = finetune(opts)
+    out["device"] = str(resolve_device(args.device))  # auto: what Trainer picks too (use_cpu without CUDA)
     metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", "ood_perplexity"]
     row = {**out, "ood_perplexity": out["ood"]["perplexity"] if out.get("ood") else None}
     print_table([row], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", *metrics,

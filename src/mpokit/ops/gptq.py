@@ -20,7 +20,7 @@ import torch
 from mpokit.ops.quant import (SCALE_DTYPE, Quantized, _codes, _dequant_grouped, _mode, _params, check_bits, num_groups,
                               search_range)
 
-__all__ = ["gptq_quantize", "output_error"]
+__all__ = ["gptq_quantize", "walk_factor", "output_error"]
 
 
 def _group_params(w: torch.Tensor, bits: int, mode: str, clip_ratios=None, col_weight: torch.Tensor | None = None):
@@ -41,9 +41,10 @@ def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
     h[dead, dead] = 1.0
     lam = damp * torch.diagonal(h).mean()
     h.diagonal().add_(lam)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for extra in (0.0, 1e-6, 1e-4, 1e-2):  # grow the damping if H is numerically indefinite
         try:
-            chol = torch.linalg.cholesky(h + extra * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype))
+            chol = torch.linalg.cholesky(h + extra * torch.diagonal(h).mean() * eye)
             inv = torch.cholesky_inverse(chol)
             return torch.linalg.cholesky(inv, upper=True)
         except RuntimeError:
@@ -52,14 +53,26 @@ def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def walk_factor(gram: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, U): the column walk order and the upper Cholesky factor of the damped inverse Gram in that
+    order. It depends on the Gram alone: callers quantizing several weights (or bit widths) on one Gram
+    compute it once and pass it to gptq_quantize(factor=...)."""
+    cols = gram.shape[0]
+    perm = torch.argsort(torch.diagonal(gram), descending=True) if act_order else torch.arange(cols, device=gram.device)
+    return perm, _inverse_cholesky(gram[perm][:, perm], damp)
+
+
+@torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   zero_point: bool = True, damp: float = 0.01, act_order: bool = False,
-                  block_size: int = 128, clip_ratios: tuple[float, ...] | None = None) -> Quantized:
+                  block_size: int = 128, clip_ratios: tuple[float, ...] | None = None,
+                  factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> Quantized:
     """GPTQ codes for weight (rows, cols) given the input Gram H = X^T X (cols, cols).
 
     damp: added to H's diagonal as a fraction of its mean (the paper's 1%).
     block_size: columns per lazy update, rounded to a multiple of group_size.
     clip_ratios: range shrink factors searched per group and row (see `_group_params`); None = min/max.
+    factor: walk_factor(gram, damp, act_order), when the caller has it already.
     """
     check_bits(bits)
     if weight.dim() != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
@@ -82,10 +95,8 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group_siz
             scale[:, g:g + 1] = s
             if o is not None:
                 offset[:, g:g + 1] = o
-        perm = torch.argsort(torch.diagonal(gram), descending=True)
-    else:
-        perm = torch.arange(cols, device=w.device)
-    u = _inverse_cholesky(gram[perm][:, perm], damp)  # (cols, cols) upper, in walk order
+    perm, u = factor if factor is not None else walk_factor(gram, damp, act_order)  # u: (cols, cols) upper
+    perm = perm.to(w.device)
     w = w[:, perm]  # (rows, cols) in walk order
     u = u.to(w.dtype).to(w.device)
     codes = torch.empty(cols, rows, dtype=torch.uint8, device=w.device)  # walk order, one row per column

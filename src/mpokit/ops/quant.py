@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "Quantized", "check_bits", "quantize", "dequantize", "pack_bits", "unpack_bits",
-           "sqnr_db", "fake_quantize", "num_groups", "DEFAULT_CLIP_RATIOS"]
+__all__ = ["SUPPORTED_BITS", "Quantized", "check_bits", "quantized_bytes", "quantize", "dequantize", "pack_bits",
+           "unpack_bits", "sqnr_db", "fake_quantize", "num_groups", "DEFAULT_CLIP_RATIOS"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 # Range shrink factors tried per group by the data-free MSE clip search (1.0 = plain min/max).
@@ -46,6 +46,15 @@ class Quantized:
 
 def num_groups(cols: int, group_size: int) -> int:
     return math.ceil(cols / group_size)
+
+
+def quantized_bytes(rows: int, cols: int, bits: int, group_size: int, symmetric: bool = False,
+                    zero_point: bool = True) -> int:
+    """Bytes a packed (rows, cols) matrix takes: the codes, a 16-bit scale per row and group, and an
+    offset per group (a uint8 zero point, or a 16-bit float offset; none when symmetric)."""
+    groups = rows * num_groups(cols, group_size)
+    offset = 0 if symmetric else (1 if zero_point else 2)
+    return math.ceil(rows * cols * bits / 8) + groups * (2 + offset)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

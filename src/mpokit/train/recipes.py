@@ -51,6 +51,7 @@ class FinetuneOptions:
     weight_decay: float = 0.0
     grad_accum: int = 1
     max_minutes: float | None = None  # stop training at this wall-clock budget (the schedule keeps max_steps)
+    use_cpu: bool | None = None  # Trainer's use_cpu; None: the CPU only when CUDA is not available
 
     def __post_init__(self) -> None:
         if isinstance(self.method, str):
@@ -177,14 +178,16 @@ def _context(o: FinetuneOptions, loaded, train, collator, lr: float) -> TrainCon
 
     common = dict(batch_size=o.batch_size, lr=lr, seed=o.seed, collator=collator, lr_scheduler=o.scheduler,
                   warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, grad_accum=o.grad_accum,
-                  max_minutes=o.max_minutes)
+                  max_minutes=o.max_minutes, use_cpu=o.use_cpu)
 
-    def run(model, max_steps: int, loss_fn=None, subdir: str | None = None):
+    def run(model, max_steps: int, loss_fn=None, subdir: str | None = None, callbacks: list | None = None):
         """One Trainer run; the main one (no subdir) keeps checkpoints under out/trainer and resumes."""
         if subdir is not None:
-            return fit(model, train, str(Path(o.out) / subdir), max_steps=max_steps, loss_fn=loss_fn, **common)
+            return fit(model, train, str(Path(o.out) / subdir), max_steps=max_steps, loss_fn=loss_fn,
+                       callbacks=callbacks, **common)
         return fit(model, train, str(Path(o.out) / "trainer"), max_steps=max_steps, loss_fn=loss_fn,
-                   save_steps=o.save_steps, save_total_limit=o.save_total_limit, resume=o.resume or None, **common)
+                   callbacks=callbacks, save_steps=o.save_steps, save_total_limit=o.save_total_limit,
+                   resume=o.resume or None, **common)
 
     return TrainContext(task=o.task, train=train, collator=collator, batch_size=o.batch_size, max_steps=o.max_steps,
                         head=head_parameters(loaded.model) if o.task == "sst2" else [],

@@ -58,7 +58,8 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         save_total_limit: int | None = 3, seed: int = 0,
         resume: bool | str | None = None, collator=None, loss_fn: Callable | None = None,
         logging_steps: int = 1, progress: bool = False, callbacks: list | None = None,
-        lr_scheduler: str = "linear", grad_accum: int = 1, max_minutes: float | None = None) -> FitResult:
+        lr_scheduler: str = "linear", grad_accum: int = 1, max_minutes: float | None = None,
+        use_cpu: bool | None = None) -> FitResult:
     """Train `model` (its requires_grad flags decide what trains) for max_steps optimizer steps.
 
     save_steps: write a Trainer checkpoint every N steps to out_dir/checkpoint-N, each followed by
@@ -67,6 +68,7 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         and, with none valid, training starts afresh, each said on stderr) or a checkpoint path (it
         must verify): Trainer restores weights, optimizer, scheduler, RNG states and the data position.
     callbacks: transformers TrainerCallbacks (e.g. one that stops early, to simulate an interruption).
+    use_cpu: train on the CPU even where CUDA is available (None: the CPU only when it is not).
     max_minutes: wall-clock training budget; training stops at the first step past it (the LR schedule
         still follows max_steps, so pick max_steps that fits the budget for a complete schedule).
     """
@@ -100,7 +102,8 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         learning_rate=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_scheduler_type=lr_scheduler,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=save_total_limit,
         seed=seed, data_seed=seed,
-        logging_steps=logging_steps, report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
+        logging_steps=logging_steps, report_to=[], disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available() if use_cpu is None else use_cpu,
         remove_unused_columns=False, dataloader_num_workers=0,
     )
     trainer = _trainer_cls()(model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpokit.calibration.blocks import stream_blocks
-from mpokit.calibration.fisher import collect_output_fisher
+from mpokit.calibration.fisher import loss_row_weights
 from mpokit.calibration.stats import InputStats, collect_input_stats, resolve_calibration
 from mpokit.data import Calibration, as_calibration
 from mpokit.layers.mpo import MPOLinear
@@ -23,7 +23,7 @@ from mpokit.methods.aware.config import AwareConfig
 from mpokit.methods.aware.refine import mpo_candidate
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.mpo.transform import tie_to
-from mpokit.ops.whiten import apply_left, output_factor, scaled_svd, whitened_svd, whitening_factor
+from mpokit.ops.whiten import apply_left, scaled_svd, whitened_svd, whitening_factor
 from mpokit.surgery.replace import get_module, set_module, shared_outside, tied_groups
 from mpokit.surgery.targets import find_targets, weight_matrix
 
@@ -66,14 +66,7 @@ def _output_factors(model, config: AwareConfig, names: list[str], batches) -> di
     """name -> R (see ops.whiten.output_factor), float32 to halve what is held for all layers."""
     if config.sensitivity == "none":
         return {}
-    used, count = [], 0
-    for b in batches:  # the first fisher_tokens of the calibration text
-        if count >= config.fisher_tokens:
-            break
-        used.append(b)
-        count += b.numel()
-    fisher = collect_output_fisher(model, names, used, full_max=config.fisher_full_max)
-    return {n: output_factor(fisher.pop(n), config.fisher_damp).float() for n in names}
+    return loss_row_weights(model, names, batches, config.fisher_tokens, config.fisher_damp, config.fisher_full_max)
 
 
 def _lowrank_layer(module: nn.Module, u, s, vt, rank: int, forward_mode: str) -> MPOLinear:
@@ -182,7 +175,7 @@ def _corrected_target(w: torch.Tensor, stats: InputStats | None, name: str, kind
         return w
     gram = stats.gram(name)
     lam = ridge * torch.diagonal(gram).mean()
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     chol = torch.linalg.cholesky(gram + lam * eye)
     return torch.cholesky_solve((cross + lam * eye).T @ w.double().T, chol).T.to(w.dtype)
 

@@ -25,7 +25,8 @@ from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
 from mpokit.surgery.replace import get_module, set_module, shared_outside
 from mpokit.surgery.targets import find_targets, weight_matrix
 
-__all__ = ["quant_compress_", "quantize_module", "gptq_module", "fitted_group", "check_unshared"]
+__all__ = ["quant_compress_", "quantize_module", "gptq_module", "fitted_group", "check_unshared", "Recorder",
+           "calibration_windows"]
 
 STACK_TOKENS = 1024  # calibration windows are run through the blocks in batches of about this many tokens
 
@@ -68,10 +69,12 @@ def _dense_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _calibration(config: QuantConfig, tokenizer, calibration: Calibration) -> list[torch.Tensor]:
-    """The caller's batches as they are, else windows of the text stacked into batches."""
+def calibration_windows(config, tokenizer, calibration: Calibration, what: str = "algorithm='gptq'"
+                        ) -> list[torch.Tensor]:
+    """The caller's batches as they are, else windows of the text (config.calibration_tokens in windows of
+    config.calibration_context) stacked into batches. `what` names the method in errors."""
     windows = resolve_calibration(calibration, tokenizer, config.calibration_tokens, config.calibration_context,
-                                  "algorithm='gptq'")
+                                  what)
     if calibration.batches is not None:
         return windows
     context = calibration.context if calibration.context is not None else config.calibration_context
@@ -98,7 +101,7 @@ def gptq_module(module: nn.Module, gram: torch.Tensor, config: QuantConfig) -> Q
     return new
 
 
-class _Recorder:
+class Recorder:
     """Swaps layers in and writes one LayerRecord each, plus byte totals."""
 
     def __init__(self, model: nn.Module, config: QuantConfig):
@@ -179,13 +182,13 @@ def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calib
     if tables is not None:  # the lm_head, tied or not, is quantized with the embedding's bits
         names = [n for n in names if n != tables.head]
     check_unshared(model, names)
-    recorder = _Recorder(model, config)
+    recorder = Recorder(model, config)
     if tables is not None:  # before GPTQ, so its calibration inputs come from the quantized embedding
         quantize_vocab_(model, config, tables, recorder)
     if not names:
         return recorder.finish()
     if config.algorithm == "gptq":
-        batches = _calibration(config, tokenizer, calibration)
+        batches = calibration_windows(config, tokenizer, calibration)
         _gptq_compress(model, names, config, recorder, batches, progress)
         return recorder.finish(calibration_tokens=sum(b.numel() for b in batches))
     for name in tqdm(names, desc=f"quant: int{config.bits}", disable=not progress):
