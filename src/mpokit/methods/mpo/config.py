@@ -12,7 +12,8 @@ __all__ = ["MPOConfig"]
 
 @dataclass
 class MPOConfig(MethodConfig):
-    """Data-free MPO decomposition (TT-SVD) of the targeted weights.
+    """Data-free MPO decomposition (TT-SVD) of the targeted weights: Linear, Conv1D and Embedding
+    matrices, Conv2d kernels read as (out, in*kh*kw) matrices, and every LSTM/GRU gate matrix.
 
     Truncation (at most one of budget / max_bond / cutoff; none = lossless):
       budget: fraction of the targeted layers' parameters to keep in total, in (0, 1]. Each
@@ -26,7 +27,8 @@ class MPOConfig(MethodConfig):
     Layout:
       num_cores: cores per matrix (local dims chosen balanced, zero-padded when needed).
       lowrank: 2-core (out,1)x(1,in) layout, i.e. truncated SVD W = U @ V.
-      local_dims: per-module override {name_or_suffix: [out_dims, in_dims]}.
+      local_dims: per-matrix override {name_or_suffix: [out_dims, in_dims]}; an RNN's matrices are
+        named "<module>.weight_ih_l0", "<module>.weight_hh_l0", ...
     """
 
     method: ClassVar[str] = "mpo-datafree"
