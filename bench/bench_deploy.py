@@ -13,7 +13,8 @@ Variants: dense fp32 and bf16; RTN int4 g64 on the exact reference path (dequant
 with `kernel="fast"` (packed int4 kernel while decoding, reference path for the prefill), as a
 bfloat16 model (kernel for every input), and with its tied embedding/lm_head at 8 bits; RTN int8
 with one group per row (int8 kernel); `--gptq` adds GPTQ int4 g128 + 8-bit embeddings (calibrated
-on WikiText-2 valid).
+on WikiText-2 valid); `--mixed` adds the mixed byte budget (`--method mixed`) at 4.0 / 3.0 / 2.5 bits
+per weight with 8-bit embeddings (same calibration).
 Writes results/bench_deploy.json.
 """
 from __future__ import annotations
@@ -45,17 +46,11 @@ VARIANTS = {
 }
 GPTQ = {"gptq-int4-g128-emb8-fast": ({"bits": 4, "group_size": 128, "algorithm": "gptq", "calibration_tokens": 2048,
                                       "embeddings": 8}, "float32", "fast")}
+# --mixed: the byte-budget method at 4.0 / 3.0 / 2.5 bits per weight of the decoder linears, 8-bit embeddings
+MIXED = {f"mixed-{b}-emb8-fast": ({"method": "mixed", "bits_per_weight": b, "calibration_tokens": 2048}, "float32",
+                                  "fast") for b in (4.0, 3.0, 2.5)}
 COLUMNS = ["model", "threads", "paths", "disk_mb", "peak_rss_mb", "rss_x", "load_s", "prefill_tok_s", "prefill_x",
            "decode_tok_s", "decode_x", "ppl", "ppl_x"]
-
-
-def _rss_mb() -> float:
-    """Peak resident memory of this process's own image. Not getrusage's ru_maxrss: Linux carries that
-    across fork + exec, so a child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def measure(args) -> dict:
@@ -87,7 +82,9 @@ def measure(args) -> dict:
             t2 = time.perf_counter()
             prefill.append(args.prompt / (t1 - t0))
             decode.append((args.new - 1) / ((t2 - t1) - (t1 - t0)))  # the same prefill, then new - 1 steps
-    peak = _rss_mb()
+    from mpokit.eval.size import peak_rss_mb
+
+    peak = peak_rss_mb()
     ppl = perplexity(model, tok, text, tokens=args.ppl_tokens, context=512, progress=False).perplexity
     return {"load_s": load_s, "peak_rss_mb": peak, "tensor_mb": sum(tensors.values()) / 2**20, "prefill_tok_s": max(prefill), "decode_tok_s": max(decode),
             "ppl": ppl, "paths": " ".join(f"{k}:{v}" for k, v in sorted(paths.items())) or "dense"}
@@ -96,7 +93,7 @@ def measure(args) -> dict:
 def build_checkpoints(names: list[str], variants: dict, work: Path) -> dict[str, Path | None]:
     import copy
 
-    from mpokit import Calibration, QuantConfig, compress_, load_model, save_compressed
+    from mpokit import Calibration, compress_, get_method, load_model, save_compressed
 
     loaded, out = None, {}
     for name in names:
@@ -109,9 +106,10 @@ def build_checkpoints(names: list[str], variants: dict, work: Path) -> dict[str,
         if not path.exists():
             loaded = loaded or load_model(None)
             model = copy.deepcopy(loaded.model)
-            config = QuantConfig(**kwargs)
+            kwargs = dict(kwargs)
+            config = get_method(kwargs.pop("method", "quant"))(**kwargs)  # QuantConfig unless named
             calibration = {}
-            if config.algorithm == "gptq":
+            if getattr(config, "needs_calibration", False):
                 calibration = {"tokenizer": loaded.tokenizer,
                                "calibration": Calibration.from_file(DATA / "wikitext-2" / "valid.txt")}
             compress_(model, config, **calibration)
@@ -142,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=None)
     p.add_argument("--gptq", action="store_true", help="add GPTQ int4 g128 (a few minutes to compress)")
+    p.add_argument("--mixed", action="store_true", help="add the mixed byte budget at 4.0/3.0/2.5 bits per weight")
     p.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR: also measure this checkpoint")
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--prompt", type=int, default=512)
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from mpokit.eval.table import print_table
     from mpokit.io.atomic import write_json
 
-    variants = {**VARIANTS, **(GPTQ if args.gptq else {})}
+    variants = {**VARIANTS, **(GPTQ if args.gptq else {}), **(MIXED if args.mixed else {})}
     names = args.variants or list(variants)
     unknown = [n for n in names if n not in variants]
     if unknown:

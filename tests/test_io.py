@@ -233,3 +233,28 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+
+
+def test_sharded_save_loads_bit_exact_and_checks_its_shards(tmp_path):
+    """Above max_shard_size the weights are split as transformers writes them: shards plus an index."""
+    from mpokit.io.checkpoint import INDEX_FILE
+    from mpokit.report.collect import read_checkpoint
+
+    model = compressed_llama()
+    path = save_compressed(model, tmp_path / "sharded", max_shard_size=20_000)
+    shards = sorted(path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (path / WEIGHTS_FILE).exists() and (path / INDEX_FILE).is_file()
+    loaded = load_compressed(path)
+    assert_state_equal(model, loaded)
+    single = save_compressed(model, tmp_path / "single")  # negative control: the default keeps one file
+    assert (single / WEIGHTS_FILE).is_file() and not (single / INDEX_FILE).exists()
+    sizes = read_checkpoint(path).layers  # the report reads every shard's header
+    assert sum(l.bytes or 0 for l in sizes) == sum(l.bytes or 0 for l in read_checkpoint(single).layers) > 0
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match="missing weight shards"):
+        load_compressed(path, verify=False)
+    (path / INDEX_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt shard index"):
+        load_compressed(path, verify=False)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_compressed(model, tmp_path / "bad", max_shard_size="lots")

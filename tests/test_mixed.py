@@ -167,7 +167,30 @@ def test_cli_compress_mixed(tmp_path):
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["config"]["method"] == "mixed" and report["bits_per_weight"] <= 4
     assert report["bytes"] > 0 and report["choices"]
+    assert report["peak_rss_mb"] > report["model_mb"] > 0  # every compress report carries its peak memory
     assert any(isinstance(m, QuantLinear) for m in load_compressed(tmp_path / "m3").modules())
     with pytest.raises(SystemExit) as e:
         main(common + ["--bits-per-weight", "0.5", "--out", str(tmp_path / "m05")])
     assert e.value.code == 2 and not (tmp_path / "m05").exists()
+
+
+def test_gguf_export_writes_codes_and_densifies_lowrank(tmp_path):
+    """GGUF has no low-rank tensors: the low-rank layers go dense and are listed; the GPTQ ones keep codes."""
+    from mpokit.export.gguf import export_gguf
+    from test_export_gguf import TOKENIZER, tiny_model
+
+    model = tiny_model()
+    compress_(model, MixedConfig(bits_per_weight=3.0, bits_choices=(2, 3), factor_bits=(4,), group_size=16,
+                                 max_rank_fraction=0.25), batches=_batches(len(TOKENIZER)), progress=False)
+    lowrank = [n for n, m in model.named_modules() if isinstance(m, QuantMPOLinear)]
+    assert lowrank
+    report = export_gguf(model, tmp_path / "m.gguf", tokenizer=TOKENIZER)
+    notes = " ".join(report["notes"])
+    assert all(n in notes for n in lowrank)
+    model = tiny_model()  # groups of 32 fit GGUF's blocks: 2/3/4-bit codes are written as they are
+    compress_(model, MixedConfig(bits_per_weight=3.0, bits_choices=(2, 3, 4), factor_bits=(), group_size=32),
+              batches=_batches(len(TOKENIZER)), progress=False)
+    rows = [t for t in export_gguf(model, tmp_path / "g.gguf", tokenizer=TOKENIZER)["tensors"]
+            if t["name"].startswith("blk.") and "norm" not in t["name"]]
+    assert rows and all(t["type"] in ("Q4_0", "Q4_1") for t in rows)
+    assert all(t["exact"] for t in rows if t["type"] == "Q4_0")  # 2/3 bits; 4-bit Q4_1 rounds m = -z*s to fp16

@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
     add_method_flags(p, "compress")  # each method's own options, declared on its config
     p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="largest weights file before the checkpoint is split into shards with an index (default 2GB)")
     p.add_argument("--json", default=None, help="write the compression report as JSON here")
     p.add_argument("--layers", action="store_true", help="print one row per layer")
     add_report_flag(p)
@@ -33,7 +35,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from mpokit.data import Calibration
-    from mpokit.io.checkpoint import check_save_path, save_compressed
+    from mpokit.eval.size import param_bytes, peak_rss_mb
+    from mpokit.io.checkpoint import check_save_path, save_compressed, shard_size
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
 
@@ -46,32 +49,37 @@ def run(args) -> int:
     # --calibration FILE, else the offline default corpus; the report names which
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
+    shard_size(args.max_shard_size)
     check_report(args)
     device = resolve_device(args.device)
     import torch
 
     loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model_mb = param_bytes(loaded.model) / 2**20  # the source model as loaded (before compression)
     loaded.model.to(device)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
     seconds = time.perf_counter() - start
     loaded.model.to("cpu")
+    peak = peak_rss_mb()  # load + compression (the save below streams tensors already in memory)
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
-           "seconds": seconds, "device": str(device), "calibration": calibration.name if calibration else None}
+           "seconds": seconds, "device": str(device), "calibration": calibration.name if calibration else None,
+           "peak_rss_mb": peak, "model_mb": model_mb, "peak_rss_x_model": peak / model_mb if peak else None}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
-                    overwrite=args.overwrite, protect=[args.model, loaded.path])
+                    overwrite=args.overwrite, protect=[args.model, loaded.path], max_shard_size=args.max_shard_size)
     if args.layers:
         rows = [{"layer": r.name, "shape": list(r.shape), "params": r.params_after, "kept": r.params_after / r.params_before,
                  "rel_error": r.rel_error, "bonds": r.detail.get("bonds")} for r in report.layers]
         print_table(rows, ["layer", "shape", "bonds", "params", "kept", "rel_error"])
     errors = [r.rel_error for r in report.layers if r.rel_error is not None]
-    print_table([{"model": loaded.source, "method": args.method, "layers": len(report.layers),
-                  "params_before": report.params_before, "params_after": report.params_after,
-                  "kept": report.kept_fraction, "mean_rel_error": sum(errors) / len(errors) if errors else None,
-                  "seconds": seconds}],
-                ["model", "method", "layers", "params_before", "params_after", "kept", "mean_rel_error", "seconds"],
-                title=f"saved to {args.out}")
+    row = {"model": loaded.source, "method": args.method, "layers": len(report.layers),
+           "params_before": report.params_before, "params_after": report.params_after, "kept": report.kept_fraction,
+           "mean_rel_error": sum(errors) / len(errors) if errors else None, "seconds": seconds, "peak_rss_mb": peak,
+           "bytes_after": report.extra.get("bytes_after"), "bits_per_weight": report.extra.get("bits_per_weight")}
+    columns = ["model", "method", "layers", "params_before", "params_after", "kept", "mean_rel_error", "bytes_after",
+               "bits_per_weight", "seconds", "peak_rss_mb"]
+    print_table([row], [c for c in columns if row[c] is not None], title=f"saved to {args.out}")
     emit_json(args.json, out)
     emit_report(args, [args.out])
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["count_params", "param_bytes", "size_report", "stored_tensors"]
+__all__ = ["count_params", "param_bytes", "size_report", "stored_tensors", "peak_rss_mb"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -41,3 +41,16 @@ def param_bytes(model: nn.Module) -> int:
 
 def size_report(model: nn.Module) -> dict:
     return {"params": count_params(model), "bytes": param_bytes(model)}
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far, in MiB (Linux VmHWM), None where it cannot be read.
+    Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a child reports its parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None

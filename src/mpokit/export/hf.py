@@ -36,6 +36,7 @@ from mpokit.export.hf_template import modeling_mpokit_export as template
 from mpokit.export.hf_template.mpokit_export_layers import LAYERS as REBUILT
 from mpokit.export.tensors import check_folder_out, densified_copy, saved_tokenizer, source_meta, source_model
 from mpokit.io.atomic import atomic_dir
+from mpokit.io.checkpoint import shard_size
 from mpokit.layers.base import LAYERS, layer_modules
 from mpokit.version import __version__
 
@@ -58,16 +59,7 @@ class HFOptions:
     max_shard_size: int | str = "2GB"
 
     def __post_init__(self) -> None:
-        from huggingface_hub.serialization._base import parse_size_to_int
-
-        try:
-            size = self.max_shard_size if isinstance(self.max_shard_size, int) else parse_size_to_int(
-                self.max_shard_size)
-            if isinstance(size, bool) or size <= 0:
-                raise ValueError
-        except (ValueError, TypeError, AttributeError):
-            raise ValueError(f"expected max_shard_size as bytes > 0 or a size like '2GB', got "
-                             f"{self.max_shard_size!r}") from None
+        shard_size(self.max_shard_size)
 
 
 def template_files(folder: Path = TEMPLATE) -> list[Path]:

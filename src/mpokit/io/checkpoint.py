@@ -7,7 +7,9 @@ A checkpoint folder holds:
   mpokit.json        mpokit version, applied methods, the spec of every replaced layer, aliases
                      of shared tensors, and a manifest: the sha256 of every other file of the
                      folder and of mpokit.json's own content (io/manifest.py)
-  model.safetensors  every tensor once (tied/shared tensors stored under one name)
+  model.safetensors  every tensor once (tied/shared tensors stored under one name); above max_shard_size
+                     (2GB) shards model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+                     as transformers writes them (huggingface_hub's save_torch_state_dict)
   tokenizer files    when a tokenizer is given
 Loading checks the description (io/validate.py) and, unless verify=False, the manifest; then
 it rebuilds the architecture from config.json, swaps in empty mpokit layers from their specs
@@ -35,11 +37,13 @@ from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
 
 __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoint", "META_FILE", "WEIGHTS_FILE",
-           "LAYER_TYPES", "register_layer", "read_meta", "check_save_path", "FORMAT_VERSION"]
+           "INDEX_FILE", "LAYER_TYPES", "register_layer", "read_meta", "check_save_path", "FORMAT_VERSION",
+           "shard_size", "weight_files"]
 
 # Format 2: a manifest over every file replaces format 1's sha256 of the weights file alone.
 # Format 3: config.json is guarded against plain transformers (io/hf_guard.py); format 2 folders still load.
 META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 3
+INDEX_FILE = "model.safetensors.index.json"
 # Layer classes a checkpoint may contain, by spec "type": the layer protocol's registry (layers/base.py).
 LAYER_TYPES = LAYERS
 _RESERVED = {"mpokit_version", "format_version", "architecture", "dtype", "methods", "layers", "aliases", "manifest"}
@@ -77,15 +81,31 @@ def check_save_path(path: str | Path, overwrite: bool = False, protect: Iterable
     check_target(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint")
 
 
+def shard_size(value: int | str) -> int:
+    """Bytes from an int or a size like "2GB" / "500MB" (huggingface_hub's rule); ValueError otherwise."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(value)
+        if isinstance(size, bool) or size <= 0:
+            raise ValueError
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"expected max_shard_size as bytes > 0 or a size like '2GB', got {value!r}") from None
+    return size
+
+
 def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: dict[str, Any] | None = None, *,
-                    overwrite: bool = False, protect: Iterable[str | Path | None] = ()) -> Path:
+                    overwrite: bool = False, protect: Iterable[str | Path | None] = (),
+                    max_shard_size: int | str = "2GB") -> Path:
     """Write model (compressed or not) to folder `path` atomically; returns the path.
 
     An existing `path` is replaced only if it is an mpokit checkpoint and overwrite=True (an empty
     folder may be used); never a `protect`ed path (the input model) or a folder holding one.
+    Weights above max_shard_size go into shards with an index, as transformers writes them.
     """
-    from safetensors.torch import save_file
+    from huggingface_hub import save_torch_state_dict
 
+    size = shard_size(max_shard_size)
     path = Path(path)
     architecture_class(type(model).__name__, "the model to save")  # what load_compressed would refuse
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -102,7 +122,7 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
     }
     with atomic_dir(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint") as tmp:
         write_guarded_config(model.config, tmp)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mpokit": __version__})
+        save_torch_state_dict(tensors, tmp, max_shard_size=size, metadata={"format": "pt", "mpokit": __version__})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta["manifest"] = build_manifest(tmp, meta, exclude={META_FILE})
@@ -214,6 +234,28 @@ def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor], path: Path) 
                                   f"{WEIGHTS_FILE}, {expected[key].dtype} in the model {META_FILE} describes")
 
 
+def weight_files(path: Path) -> dict[Path, set[str] | None]:
+    """The weights file, or each shard the index lists with the tensor names it must hold."""
+    if (path / WEIGHTS_FILE).is_file():
+        return {path / WEIGHTS_FILE: None}
+    index = path / INDEX_FILE
+    if not index.is_file():
+        raise CheckpointError(f"missing weights file {path / WEIGHTS_FILE} (and no shard index {INDEX_FILE})")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files: dict[Path, set[str]] = {}
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file:
+                raise ValueError(f"bad shard name {file!r}")
+            files.setdefault(path / file, set()).add(name)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"corrupt shard index {index}: {e}") from e
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"missing weight shards {missing[:3]} listed in {index}")
+    return dict(files)
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild a model saved by save_compressed. Raises CheckpointError on any mismatch.
 
@@ -224,9 +266,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     path = Path(path)
     meta = read_meta(path)
     where = path / META_FILE
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"missing weights file {weights}")
+    weights = weight_files(path)
     cls = architecture_class(meta["architecture"], where)
     dtype = dtype_of(meta["dtype"], where)
     for name, spec in meta["layers"].items():
@@ -234,10 +274,15 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
             raise CheckpointError(f"unknown layer type {spec['type']!r} for {name}")
     if verify:
         _verify(path, meta)
-    try:  # into fresh aligned tensors, without mapping the file: the peak holds the model once
-        state = read_tensors(weights)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt or truncated weights file {weights}: {e}") from e
+    state: dict[str, torch.Tensor] = {}
+    for file, names in weights.items():
+        try:  # into fresh aligned tensors, without mapping the file: the peak holds the model once
+            part = read_tensors(file)
+        except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"corrupt or truncated weights file {file}: {e}") from e
+        if names is not None and set(part) != names:
+            raise CheckpointError(f"{file} does not hold the tensors {path / INDEX_FILE} lists for it")
+        state.update(part)
     aliases = meta.get("aliases", {})
     check_aliases(aliases, set(state), where)
     for alias, kept in aliases.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mpokit.io.aligned_read import read_header
-from mpokit.io.checkpoint import WEIGHTS_FILE, read_meta
+from mpokit.io.checkpoint import read_meta, weight_files
 from mpokit.ops.tt import count_params
 
 __all__ = ["LayerInfo", "CheckpointRecord", "TableRecord", "read_inputs", "read_input", "as_number"]
@@ -140,7 +140,7 @@ def read_checkpoint(path: Path) -> CheckpointRecord:
     meta = read_meta(path)
     report = meta.get("report") if isinstance(meta.get("report"), dict) else {}
     notes: list[str] = []
-    tensors, matrices = _tensor_bytes(path / WEIGHTS_FILE, notes)
+    tensors, matrices = _tensor_bytes(path, notes)
     layers = _layers(meta, report, tensors, notes)
     by_type, by_module = _breakdown(layers, tensors, matrices)
     total = sum(tensors.values()) if tensors else None
@@ -155,15 +155,18 @@ def read_checkpoint(path: Path) -> CheckpointRecord:
     return ck
 
 
-def _tensor_bytes(weights: Path, notes: list[str]) -> tuple[dict[str, int], set[str]]:
-    """Stored bytes of every tensor and the names of the 2-D ones, from the safetensors header."""
+def _tensor_bytes(path: Path, notes: list[str]) -> tuple[dict[str, int], set[str]]:
+    """Stored bytes of every tensor and the names of the 2-D ones, from the safetensors headers (every shard)."""
+    sizes, matrices = {}, set()
     try:
-        header = read_header(weights)
-        return ({k: int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in header.items()},
-                {k for k, v in header.items() if len(v["shape"]) == 2})
+        for weights in weight_files(path):
+            header = read_header(weights)
+            sizes.update({k: int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in header.items()})
+            matrices.update(k for k, v in header.items() if len(v["shape"]) == 2)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        notes.append(f"stored sizes not shown: cannot read the header of {weights} ({e})")
+        notes.append(f"stored sizes not shown: cannot read the weights' headers in {path} ({e})")
         return {}, set()
+    return sizes, matrices
 
 
 def _layers(meta: dict, report: dict, tensors: dict[str, int], notes: list[str]) -> list[LayerInfo]:
