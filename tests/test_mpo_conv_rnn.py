@@ -245,3 +245,25 @@ def test_storage_counts_cores_and_biases():
     biases = sum(p.numel() for n, p in rnn.named_parameters() if n.startswith("bias"))
     assert layer.storage_bytes() == 4 * (layer.core_params() + biases)
     assert layer.core_params() < sum(p.numel() for n, p in rnn.named_parameters() if n.startswith("weight"))
+
+
+def test_plain_networks_save_and_load_into_a_fresh_instance(tmp_path):
+    """A plain nn.Module (no transformers class) round-trips bit-exactly into a freshly built instance."""
+    from mpokit.io.checkpoint import CheckpointError
+
+    net = TinyNet()
+    compress_(net, MPOConfig(budget=0.5, target_modules=TARGETS), progress=False)
+    assert any(isinstance(m, MPOConv2d) for m in net.modules()) and any(isinstance(m, MPORNN) for m in net.modules())
+    x = torch.randn(2, 3, 6, 6)
+    path = save_compressed(net, tmp_path / "net")
+    assert not (path / "config.json").exists()
+    fresh = TinyNet()
+    loaded = load_compressed(path, model=fresh)
+    assert loaded is fresh and all(torch.equal(a, b) for a, b in zip(outputs(net, x), outputs(loaded, x)))
+    assert {type(m).__name__ for m in loaded.modules()} == {type(m).__name__ for m in net.modules()}
+    with pytest.raises(CheckpointError, match="freshly built instance"):
+        load_compressed(path)
+    with pytest.raises(CheckpointError, match="expected model= an instance of"):
+        load_compressed(path, model=nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="does not fit|does not match"):  # negative control: other sizes
+        load_compressed(path, model=TinyNet(bidirectional=True))

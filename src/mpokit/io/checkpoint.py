@@ -15,6 +15,11 @@ Loading checks the description (io/validate.py) and, unless verify=False, the ma
 it rebuilds the architecture from config.json, swaps in empty mpokit layers from their specs
 (each checked against the module it replaces), and loads the weights strictly.
 Saving is atomic (io/atomic.py) and replaces only an mpokit checkpoint, with overwrite=True.
+
+A plain torch network (no transformers class: a CNN, an LSTM language model) is saved the same way
+without config.json, its architecture recorded as "torch:<module>.<class>"; nothing in a file can
+say how to build such a class safely, so load_compressed(path, model=Net()) takes a freshly built
+instance of it and swaps the stored layers and weights into that.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ __all__ = ["save_compressed", "load_compressed", "CheckpointError", "is_checkpoi
 # Format 3: config.json is guarded against plain transformers (io/hf_guard.py); format 2 folders still load.
 META_FILE, WEIGHTS_FILE, FORMAT_VERSION = "mpokit.json", "model.safetensors", 3
 INDEX_FILE = "model.safetensors.index.json"
+TORCH_PREFIX = "torch:"  # the architecture of a plain nn.Module network
 # Layer classes a checkpoint may contain, by spec "type": the layer protocol's registry (layers/base.py).
 LAYER_TYPES = LAYERS
 _RESERVED = {"mpokit_version", "format_version", "architecture", "dtype", "methods", "layers", "aliases", "manifest"}
@@ -107,7 +113,9 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
 
     size = shard_size(max_shard_size)
     path = Path(path)
-    architecture_class(type(model).__name__, "the model to save")  # what load_compressed would refuse
+    plain = _is_plain(model)
+    if not plain:
+        architecture_class(type(model).__name__, "the model to save")  # what load_compressed would refuse
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise CheckpointError(f"expected a model in one of {', '.join(DTYPES)}, got {dtype}")
@@ -116,18 +124,30 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
         raise ValueError(f"expected extra metadata without the reserved keys {sorted(clash)}")
     tensors, aliases = _dedup_state(model)
     meta = {
-        "mpokit_version": __version__, "format_version": FORMAT_VERSION, "architecture": type(model).__name__,
+        "mpokit_version": __version__, "format_version": FORMAT_VERSION,
+        "architecture": _plain_name(type(model)) if plain else type(model).__name__,
         "dtype": dtype, "methods": getattr(model, "_mpokit_methods", []), "layers": _layer_specs(model), "aliases": aliases,
         **(extra or {}),
     }
     with atomic_dir(path, overwrite=overwrite, marker=META_FILE, protect=protect, what="an mpokit checkpoint") as tmp:
-        write_guarded_config(model.config, tmp)
+        if not plain:
+            write_guarded_config(model.config, tmp)
         save_torch_state_dict(tensors, tmp, max_shard_size=size, metadata={"format": "pt", "mpokit": __version__})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta["manifest"] = build_manifest(tmp, meta, exclude={META_FILE})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+def _is_plain(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return not isinstance(model, PreTrainedModel)
+
+
+def _plain_name(cls: type) -> str:
+    return f"{TORCH_PREFIX}{cls.__module__}.{cls.__qualname__}"
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -184,7 +204,13 @@ def _build_model(path: Path, meta: dict[str, Any], cls: type, dtype: torch.dtype
     if isinstance(want, type) and want is not transformers.PretrainedConfig and not isinstance(config, want):
         raise CheckpointError(f"{path / 'config.json'} describes a {type(config).__name__}, but {where} says "
                               f"{cls.__name__}")
-    model = cls(config).to(dtype)
+    return _swap_layers(cls(config).to(dtype), meta, config, dtype, where, path, aliases)
+
+
+def _swap_layers(model: nn.Module, meta: dict[str, Any], config, dtype: torch.dtype, where: Path, path: Path,
+                 aliases: dict[str, str]) -> nn.Module:
+    """Put an empty layer built from each stored spec where the module it replaced stands."""
+    cls = type(model)
     layers = meta["layers"]
     probed = set()  # layers with the same spec run alike: probe each kind once (each probe allocates a layer)
     for name, spec in layers.items():
@@ -256,18 +282,37 @@ def weight_files(path: Path) -> dict[Path, set[str] | None]:
     return dict(files)
 
 
-def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+def _plain_model(meta: dict[str, Any], model: nn.Module | None, where: Path) -> nn.Module:
+    """The caller's fresh instance for a plain-network checkpoint, checked to be of the saved class."""
+    name = meta["architecture"]
+    if model is None:
+        raise CheckpointError(f"{where} holds a plain torch network ({name.removeprefix(TORCH_PREFIX)}); pass a "
+                              "freshly built instance to load it into: load_compressed(path, model=Net(...))")
+    if not isinstance(model, nn.Module) or _plain_name(type(model)) != name:
+        raise CheckpointError(f"expected model= an instance of {name.removeprefix(TORCH_PREFIX)} for {where}, got "
+                              f"{type(model).__module__}.{type(model).__qualname__}")
+    return model
+
+
+def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify: bool = True,
+                    model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by save_compressed. Raises CheckpointError on any mismatch.
 
     verify=True (the default) checks the manifest: every file and mpokit.json itself must be as
     saved. verify=False skips the hashes (and accepts format-1 checkpoints) but keeps every
-    structural check.
+    structural check. model: for a plain torch network (architecture "torch:..."), a freshly built
+    instance of its class, which is filled in place and returned; transformers checkpoints take none.
     """
     path = Path(path)
     meta = read_meta(path)
     where = path / META_FILE
     weights = weight_files(path)
-    cls = architecture_class(meta["architecture"], where)
+    plain = meta["architecture"].startswith(TORCH_PREFIX)
+    if plain:
+        model = _plain_model(meta, model, where)
+    elif model is not None:
+        raise CheckpointError(f"{where} describes a transformers model; model= is only for plain torch networks")
+    cls = None if plain else architecture_class(meta["architecture"], where)
     dtype = dtype_of(meta["dtype"], where)
     for name, spec in meta["layers"].items():
         if spec["type"] not in LAYER_TYPES:
@@ -292,8 +337,11 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", verify
     # Load small: the skeleton's parameters live on the meta device (no dense float32 weights are
     # ever allocated); load_state_dict(assign=True) then puts the stored tensors in their place.
     # Buffers stay real: non-persistent ones (rotary frequencies) are computed, not stored.
-    with init_empty_weights(include_buffers=False):
-        model = _build_model(path, meta, cls, dtype, aliases)
+    if plain:  # the caller's network: swap the stored layers in, then fill it
+        _swap_layers(model.to(dtype), meta, None, dtype, where, path, aliases)
+    else:
+        with init_empty_weights(include_buffers=False):
+            model = _build_model(path, meta, cls, dtype, aliases)
     _check_dtypes(model, state, path)
     try:
         model.load_state_dict(state, strict=True, assign=True)

@@ -90,12 +90,19 @@ def check_aliases(aliases: dict[str, str], stored: set[str], where: Path | str) 
             raise CheckpointError(f"alias {alias!r} in {where} points to {kept!r}, which the weights file does not hold")
 
 
+_SAME_SHAPE = ("kernel_size", "stride", "dilation", "num_layers", "bidirectional", "batch_first")
+
+
 def _drop_in_dims(orig: nn.Module) -> dict[str, int]:
     """The sizes a drop-in replacement of `orig` must keep."""
     if isinstance(orig, nn.Embedding):
         return {"num_embeddings": orig.num_embeddings, "embedding_dim": orig.embedding_dim}
     if isinstance(orig, nn.Linear):
         return {"in_features": orig.in_features, "out_features": orig.out_features}
+    if isinstance(orig, nn.Conv2d):
+        return {"in_channels": orig.in_channels, "out_channels": orig.out_channels}
+    if isinstance(orig, nn.RNNBase):
+        return {"input_size": orig.input_size, "hidden_size": orig.hidden_size}
     w = getattr(orig, "weight", None)
     if type(orig).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:  # GPT-2: weight (in, out)
         return {"in_features": w.shape[0], "out_features": w.shape[1]}
@@ -108,6 +115,8 @@ def _probe_input(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, in
         return torch.zeros(1, 2, dtype=torch.long), layer.embedding_dim
     if ints("in_features", "out_features"):
         return torch.zeros(1, 2, layer.in_features, dtype=dtype), layer.out_features
+    if ints("input_size", "hidden_size"):  # a recurrent layer: (1, 2, input) is a sequence either way
+        return torch.zeros(1, 2, layer.input_size, dtype=dtype), None
     if ints("hidden_size"):
         out = getattr(layer, "out_features", None)
         return torch.zeros(1, 2, layer.hidden_size, dtype=dtype), out if isinstance(out, int) else None
@@ -137,7 +146,8 @@ def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn
     dims = _drop_in_dims(orig)
     if dims and orig_type is not None and orig_type != type(orig).__name__:
         raise CheckpointError(f"{bad}: it replaced a {orig_type}, the model has a {type(orig).__name__} there")
-    declared = next((set(family) for family in (("in_features", "out_features"), ("num_embeddings", "embedding_dim"))
+    declared = next((set(family) for family in (("in_features", "out_features"), ("num_embeddings", "embedding_dim"),
+                                                ("in_channels", "out_channels"), ("input_size", "hidden_size"))
                      if all(isinstance(getattr(layer, a, None), int) for a in family)), set())
     if dims and declared and declared != set(dims):  # e.g. an embedding where a Linear stood
         raise CheckpointError(f"{bad}: a {type(layer).__name__} cannot stand for the {type(orig).__name__} there")
@@ -145,6 +155,10 @@ def check_layer_fits(name: str, spec: dict[str, Any], layer: nn.Module, orig: nn
         got = getattr(layer, attr)
         if got != size:
             raise CheckpointError(f"{bad}: expected {attr}={size} (the {type(orig).__name__} it replaces), got {got}")
+    for attr in _SAME_SHAPE if dims else ():  # a conv's kernel, an RNN's layers and directions
+        if hasattr(orig, attr) and hasattr(layer, attr) and getattr(orig, attr) != getattr(layer, attr):
+            raise CheckpointError(f"{bad}: expected {attr}={getattr(orig, attr)!r} (the {type(orig).__name__} it "
+                                  f"replaces), got {getattr(layer, attr)!r}")
     hidden = getattr(config, "hidden_size", None)
     if not dims and isinstance(getattr(layer, "hidden_size", None), int) and isinstance(hidden, int) \
             and layer.hidden_size != hidden:
