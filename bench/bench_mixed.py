@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-path", default=None, help="extra folder on sys.path (a side install of torchao)")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_mixed.json"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "benchmarks" / "mixed-pareto.png"))
+    p.add_argument("--report", default=None, metavar="HTML", help="also write the results as an mpokit report page")
     args = p.parse_args(argv)
     if args.peer_path:
         sys.path.insert(0, args.peer_path)
@@ -214,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(run.rows, COLUMNS, title=f"{run.source}: decoder linear layers, {args.tokens} WikiText-2 test "
                                          f"tokens, {args.ood_tokens} pydoc tokens, context {args.context}")
     print(f"wrote {args.out} and {args.plot}")
+    if args.report:
+        from mpokit.report import write_report
+
+        write_report([args.out], args.report)
+        print(f"wrote {args.report}")
     return 0
 
 

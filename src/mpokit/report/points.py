@@ -20,15 +20,16 @@ MIB = 2 ** 20
 # field -> (unit, factor to that unit)
 SIZE_FIELDS = {"bytes": ("MiB", 1 / MIB), "bytes_after": ("MiB", 1 / MIB), "weight_bytes": ("MiB", 1 / MIB),
                "model_bytes": ("MiB", 1 / MIB), "disk_mb": ("MiB", 1.0), "ckpt_mb": ("MiB", 1.0),
-               "size_mb": ("MiB", 1.0), "gguf_mb": ("MiB", 1.0), "ct_mb": ("MiB", 1.0),
+               "size_mb": ("MiB", 1.0), "gguf_mb": ("MiB", 1.0), "ct_mb": ("MiB", 1.0), "weight_mb": ("MiB", 1.0),
                "params_after": ("M params", 1e-6), "params_model": ("M params", 1e-6),
                "model_params": ("M params", 1e-6), "params": ("M params", 1e-6)}
 # field -> (quality kind, higher is better)
 QUALITY_FIELDS = {"perplexity": ("perplexity", False), "ppl": ("perplexity", False),
                   "ppl_mpokit": ("perplexity", False), "ppl_gguf": ("perplexity", False),
+                  "ppl_wiki": ("perplexity", False),
                   "accuracy": ("accuracy", True)}
 DECODE_FIELDS = ("decode_tok_s", "decode_tokens_per_s", "decode_tps")
-_SERIES = ("method", "peer", "recipe", "arm")  # a column that groups rows into lines, when it repeats
+_SERIES = ("method", "peer", "recipe", "arm", "family")  # a column that groups rows into lines, when it repeats
 _LABEL = ("variant", "method", "peer", "recipe", "arm", "model", "name", "unit")
 # settings that tell apart rows of the same name
 _SETTINGS = ("budget", "bits", "group", "group_size", "export", "experts", "top_k", "shared_experts", "refit",
