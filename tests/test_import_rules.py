@@ -25,6 +25,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "integrations": {"cli"},
     "export": {"cli", "train"},
     "report": {"cli", "train", "methods"},  # reads checkpoints (io), metrics (eval), layouts (ops, layers)
+    "embed": {"cli", "train"},  # loads encoders (io), reads data (data)
 }
 # ops is pure tensor math: no nn.Module classes and no transformers (torch.nn.functional is plain functions).
 OPS_FORBIDDEN_MODULES = {"torch.nn", "torch.nn.modules", "torch.nn.parameter", "transformers"}
