@@ -28,7 +28,8 @@ class TrainContext:
     max_steps: int
     head: list[nn.Parameter]  # a freshly added classifier head (always trained); [] for lm
     load_teacher: Callable[[str], nn.Module]  # model path -> model of the same task
-    fit: Callable[..., Any]  # fit(model, max_steps=..., loss_fn=..., subdir=...) -> mpokit.train.FitResult
+    # fit(model, max_steps=..., loss_fn=..., subdir=..., callbacks=[TrainerCallback]) -> mpokit.train.FitResult
+    fit: Callable[..., Any]
     # () -> (model, label): the uncompressed model the checkpoint was made from (its recorded source),
     # same task; raises when none is recorded. None: the run offers no source.
     load_source: Callable[[], tuple[nn.Module, str]] | None = None

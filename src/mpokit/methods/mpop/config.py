@@ -8,20 +8,23 @@ from torch import nn
 
 from mpokit.methods.base import option
 from mpokit.methods.checks import check_ints, int_at_least, positive_int
-from mpokit.methods.finetune import FinetuneConfig, Prepared, TrainContext, TrainOutcome
-from mpokit.methods.mpop.core import decompose_, dimension_squeeze_, mpop_
+from mpokit.methods.finetune import Prepared, TrainContext, TrainOutcome
+from mpokit.methods.mpop.core import decompose_, dimension_squeeze_, mpo_linears, mpop_
+from mpokit.methods.selection import SelectiveFinetuneConfig
 from mpokit.methods.mpop.recover import RecoverConfig  # re-exported: it lived here
 
 __all__ = ["MPOPConfig", "RecoverConfig"]
 
 
 @dataclass
-class MPOPConfig(FinetuneConfig):
+class MPOPConfig(SelectiveFinetuneConfig):
     """MPOP (ACL 2021): train only the auxiliary MPO cores (and a new classifier head).
 
     A dense model is first decomposed losslessly into `num_cores`-core MPOs (a compressed one is
     used as it is). squeeze_bond: lower every bond to this in `squeeze_steps` cuts, training
-    max_steps / squeeze_steps steps after each cut (dimension squeezing)."""
+    max_steps / squeeze_steps steps after each cut (dimension squeezing). `select` trains the auxiliary
+    cores of a chosen fraction of the matrices only (selection.py): on a dense model only those are
+    decomposed; on a compressed one the others' cores stay frozen."""
 
     method: ClassVar[str] = "mpop"
     default_lr: ClassVar[float] = 1e-3
@@ -30,14 +33,33 @@ class MPOPConfig(FinetuneConfig):
     squeeze_steps: int = option(2, "cuts to reach --squeeze-bond", type=positive_int)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_ints(self, 2, ["num_cores"])
         check_ints(self, 1, ["squeeze_steps"])
         check_ints(self, 1, ["squeeze_bond"], optional=True)
+        if self.squeeze_bond and (self.select != "all" or self.start != "off"):
+            raise ValueError(f"expected --select all and --start off with --squeeze-bond, got --select {self.select} "
+                             f"and --start {self.start}")
 
     def prepare(self, model: nn.Module, ctx: TrainContext) -> Prepared:
-        decompose_(model, self.target_modules, self.exclude_modules, num_cores=self.num_cores)
-        mpop_(model, extra=ctx.head)
-        return Prepared(model)
+        if self.select == "all":
+            decompose_(model, self.target_modules, self.exclude_modules, num_cores=self.num_cores)
+            mpop_(model, extra=ctx.head)
+            return Prepared(model, info={"selected": [n for n, _ in mpo_linears(model)],
+                                         "selection": {"select": "all"}})
+        from mpokit.surgery import find_targets
+        from mpokit.surgery.params import train_only_
+
+        compressed = bool(mpo_linears(model))
+        candidates = [n for n, _ in mpo_linears(model)] if compressed else [
+            n for n in find_targets(model, self.target_modules, self.exclude_modules)
+            if not isinstance(model.get_submodule(n), nn.Embedding)]
+        chosen, record = self.choose(model, candidates, ctx)  # on the dense weights (or the MPO layers' products)
+        if not compressed:
+            decompose_(model, chosen, None, num_cores=self.num_cores)  # lossless; the rest stays dense and frozen
+        cores = [p for n in chosen for p in model.get_submodule(n).auxiliary_parameters()]
+        train_only_(model, [*cores, *ctx.head])
+        return Prepared(model, info={"selected": chosen, "selection": record})
 
     def train(self, prepared: Prepared, ctx: TrainContext) -> TrainOutcome:
         if not self.squeeze_bond:
