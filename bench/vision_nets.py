@@ -22,7 +22,7 @@ from torch import nn
 from mpokit.data import shared_data_dir
 
 __all__ = ["DigitsCNN", "Split", "digits_splits", "train_classifier", "accuracy", "LSTMLM", "Vocab",
-           "wikitext_tokens", "batchify", "train_lm", "perplexity", "count_params"]
+           "wikitext_tokens", "batchify", "train_lm", "perplexity", "count_params", "train_distilled"]
 
 
 def count_params(module: nn.Module) -> int:
@@ -183,3 +183,27 @@ def perplexity(model: LSTMLM, data: torch.Tensor, bptt: int = 70) -> float:
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
         count += y.numel()
     return math.exp(total / count)
+
+
+# ---- distillation (added for bench_mps_data) --------------------------------------------------
+def train_distilled(model: nn.Module, train: Split, teacher: nn.Module, epochs: int, alpha: float = 0.5,
+                    temperature: float = 2.0, lr: float = 1e-3, batch: int = 64, seed: int = 0) -> float:
+    """train_classifier's loop with a knowledge-distillation term: (1 - alpha) * CE(labels) + alpha * T^2 *
+    KL(teacher || student) at temperature T, the teacher's logits taken on the same inputs. Returns seconds."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    teacher.eval()
+    with torch.no_grad():
+        soft = F.softmax(teacher(train.x) / temperature, -1)  # (N, classes), fixed for the whole run
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train.y), generator=g).split(batch):
+            logits = model(train.x[idx])
+            kd = F.kl_div(F.log_softmax(logits / temperature, -1), soft[idx], reduction="batchmean")
+            loss = (1 - alpha) * F.cross_entropy(logits, train.y[idx]) + alpha * temperature ** 2 * kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return time.perf_counter() - start

@@ -16,12 +16,12 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from mpokit.cli import compress, embed, evaluate, export, finetune, inspect, report
+from mpokit.cli import compress, data, embed, evaluate, export, finetune, inspect, report
 from mpokit.cli.common import UserError, fail
 from mpokit.version import __version__
 
 COMMANDS = {"compress": compress, "eval": evaluate, "inspect": inspect, "finetune": finetune, "export": export,
-            "report": report, "embed": embed}
+            "report": report, "embed": embed, "data": data}
 
 # Exceptions that describe a mistake in the input, not a bug. ValueError is the library's
 # validation error ("expected X, got Y"; CheckpointError, OutputPathError derive from it),
