@@ -152,15 +152,10 @@ def test_config_errors():
 
 def test_cli_compress_mixed(tmp_path):
     from mpokit.cli.main import main
-    from test_abilities import WORDS, tiny_llama_for, word_tokenizer
+    from test_quant_gptq import dense_folder_and_text
 
-    tok = word_tokenizer()
-    model = tiny_llama_for(tok)
-    model.save_pretrained(tmp_path / "dense")
-    tok.save_pretrained(tmp_path / "dense")
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(WORDS[3 + (i * 7) % (len(WORDS) - 3)] for i in range(800)))
-    common = ["compress", "--model", str(tmp_path / "dense"), "--method", "mixed", "--group-size", "16",
+    dense, text = dense_folder_and_text(tmp_path)
+    common = ["compress", "--model", str(dense), "--method", "mixed", "--group-size", "16",
               "--calibration", str(text), "--calibration-tokens", "256"]
     rc = main(common + ["--bits-per-weight", "4", "--out", str(tmp_path / "m3"), "--json", str(tmp_path / "c.json")])
     assert rc == 0

@@ -153,8 +153,8 @@ def test_gptq_config_and_errors():
         compress_(model, QuantConfig(algorithm="gptq"), batches=_batches(128), progress=False)
 
 
-def test_cli_compress_gptq(tmp_path):
-    from mpokit.cli.main import main
+def dense_folder_and_text(tmp_path):
+    """A tiny word-level llama saved as a Hugging Face folder, and a calibration text in its vocabulary."""
     from test_abilities import WORDS, tiny_llama_for, word_tokenizer
 
     tok = word_tokenizer()
@@ -163,6 +163,13 @@ def test_cli_compress_gptq(tmp_path):
     tok.save_pretrained(tmp_path / "dense")
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(WORDS[3 + (i * 7) % (len(WORDS) - 3)] for i in range(800)))
+    return tmp_path / "dense", text
+
+
+def test_cli_compress_gptq(tmp_path):
+    from mpokit.cli.main import main
+
+    _, text = dense_folder_and_text(tmp_path)
     rc = main(["compress", "--model", str(tmp_path / "dense"), "--method", "gptq", "--bits", "4", "--group-size",
                "16", "--calibration", str(text), "--calibration-tokens", "256", "--out", str(tmp_path / "g4"),
                "--json", str(tmp_path / "c.json")])
