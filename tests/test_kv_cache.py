@@ -233,7 +233,9 @@ def test_cli_lists_every_cache_kind():
     add_arguments(parser)
     kinds = next(a for a in parser._actions if a.dest == "kv_cache").choices
     assert sorted(kinds) == method_names("kv-cache") == sorted(["decoquant", "rtn", "decoquant-kc", "rtn-kc",
-                                                                "decoquant-kcr", "rtn-kcr", "quanto"])
+                                                                "decoquant-kcr", "rtn-kcr", "decoquant-rk", "decoquant-long",
+                                                                "rtn-long",
+                                                                "quanto"])
 
 
 def test_bad_settings():

@@ -67,8 +67,8 @@ def test_public_api_in_one_place():
 
 def test_every_kind_has_its_methods():
     assert method_names("finetune") == ["full", "kd", "lora", "mpop", "opdf", "opf", "recover"]
-    assert method_names("kv-cache") == ["decoquant", "decoquant-kc", "decoquant-kcr", "quanto", "rtn", "rtn-kc",
-                                        "rtn-kcr"]
+    assert method_names("kv-cache") == ["decoquant", "decoquant-kc", "decoquant-kcr", "decoquant-long", "decoquant-rk",
+                                        "quanto", "rtn", "rtn-kc", "rtn-kcr", "rtn-long"]
     for kind in ("compress", "finetune", "kv-cache"):
         for name in method_names(kind):
             options = {"teacher": "t"} if name in ("kd", "opdf") else {}

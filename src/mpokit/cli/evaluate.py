@@ -24,7 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-cache", default=None, choices=method_names("kv-cache"),
                    help="evaluate with a quantized KV cache in the loop (windows fed in --chunk pieces); "
                         "-kc: keys per channel over 64-token blocks + 4 16-bit sink tokens (better at 2 bits); "
-                        "-kcr: also Hadamard-rotated values (best at 2 bits)")
+                        "-kcr: also Hadamard-rotated values; -rk: keys rotated too (recommended at 4 bits); "
+                        "-long: rk + 32-token key blocks + a 32-token 16-bit window (best at 2 bits)")
     add_method_flags(p, "kv-cache")  # each cache's own options, declared on its config
     p.add_argument("--chunk", type=positive_int, default=None,
                    help=f"feed each window in pieces of this many tokens through the cache (default {DEFAULT_CHUNK} "

@@ -7,7 +7,9 @@ the rows into a large core (quantized) and a small 16-bit core per layer and hea
 `mpokit.ops.decoquant`), fitted once 16 tokens are at hand. RTN quantizes the rows directly:
 the ablation at the same bits and the same layout. Options beyond the paper, used by the
 "-kc" presets: keys quantized per channel over blocks of tokens (KIVI's layout) and a few
-16-bit "sink" tokens at the start of the sequence.
+16-bit "sink" tokens at the start of the sequence; for long contexts: a Hadamard rotation of the
+keys, a few outlier key channels kept in 16 bits, and a float history (`mpokit.layers.kv_history`)
+so that decoding dequantizes each token once instead of the whole history at every step.
 
 The layers subclass transformers' `BaseQuantizedLayer` (codes are appended to, never
 re-quantized as in transformers' KIVI-style QuantizedLayer); the caches subclass `Cache`.
@@ -16,16 +18,16 @@ Per-token min/max ranges are refined by a small MSE search over range shrink fac
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
+from mpokit.layers.kv_history import FloatHistory
 from mpokit.ops.decoquant import fit_small_core, from_large_core, to_large_core
-from mpokit.ops.kv_quant import PackedTokens, dequantize_tokens, quantize_channels, quantize_tokens
+from mpokit.ops.kv_quant import (PackedTokens, dequantize_tokens, largest_channels, merge_channels,
+                                 orthonormal_mixer, quantize_channels, quantize_tokens, split_channels)
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, check_bits
 
-__all__ = ["KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes"]
+__all__ = ["KVQuantLayer", "DecoQuantCache", "RTNKVCache", "kv_cache_bytes", "orthonormal_mixer"]
 
 MIN_FIT_TOKENS = 16  # DecoQuant's small core is fitted once this many exact tokens are at hand
 KV_CLIP_RATIOS = DEFAULT_CLIP_RATIOS[::2]  # 1.0, 0.95, ..., 0.6: per-token range search at quantize time
@@ -50,13 +52,24 @@ class KVQuantLayer(BaseQuantizedLayer):
     matrix (Hadamard when the head size is a power of 2) before quantization and by its transpose
     after, so a few outlier channels no longer set every token's range (QuaRot's idea; the matrix
     is derived, not stored). Measured on SmolLM2 at 2 bits it matters more than the decomposition.
+    rotate_keys: the same rotation for keys in either layout (rotate alone turns it on for per-token keys).
+    key_outliers: with per-channel keys, this many channels per head (the largest in magnitude over the
+    first quantized tokens, sinks left out) are kept in 16 bits for every token and left out of the codes.
+    float_history: None dequantizes the whole history at every update (least memory); "model" or
+    "float16" keeps a float copy dequantized once per token (fast decoding; its bytes: `working_bytes`).
     """
 
     def __init__(self, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16, alpha: float = 0.5,
                  clip_search: bool = True, zero_point: bool = True, key_group: int | None = None,
-                 sink_length: int = 0, token_group: int | None = None, rotate: bool = False):
+                 sink_length: int = 0, token_group: int | None = None, rotate: bool = False,
+                 rotate_keys: bool = False, key_outliers: int = 0, float_history: str | None = None):
         super().__init__()
-        self.rotate = rotate
+        self.rotate, self.rotate_keys = rotate, rotate_keys
+        if key_outliers < 0 or (key_outliers and not key_group):
+            raise ValueError(f"expected key_outliers >= 0, and only with per-channel keys (key_group), got "
+                             f"key_outliers={key_outliers}, key_group={key_group}")
+        self.key_outliers = key_outliers
+        self.history = None if float_history is None else FloatHistory(float_history)
         if token_group is not None and token_group < 1:
             raise ValueError(f"expected token_group >= 1 or None, got {token_group}")
         self.token_group = token_group
@@ -74,6 +87,8 @@ class KVQuantLayer(BaseQuantizedLayer):
         self._small: dict[str, torch.Tensor] = {}  # "k"/"v" -> (H, d2, d2) float16 small core
         self._small_inv: dict[str, torch.Tensor] = {}  # derived from _small (not stored, not counted)
         self._n_plain: dict[str, int] = {}  # tokens quantized before the small core was fitted
+        self._outliers: tuple[torch.Tensor, torch.Tensor] | None = None  # (H, n) outlier, (H, D - n) kept channels
+        self._outlier_k: torch.Tensor | None = None  # (B, H, quantized tokens, n) float16
 
     # ---- quantized storage --------------------------------------------------------------
     def _per_token(self, which: str) -> bool:
@@ -83,7 +98,9 @@ class KVQuantLayer(BaseQuantizedLayer):
         return self.small_dim is not None and self._per_token(which)
 
     def _rotated(self, which: str) -> bool:
-        return self.rotate and self._per_token(which)
+        if which == "k":
+            return self.rotate_keys or (self.rotate and self._per_token("k"))
+        return self.rotate
 
     def _maybe_fit(self, which: str, rows: torch.Tensor) -> None:
         """Fit the small core once MIN_FIT_TOKENS exact non-sink tokens are at hand (rows (B, H, n, D)),
@@ -92,7 +109,8 @@ class KVQuantLayer(BaseQuantizedLayer):
             return
         stored = self._quantized_keys if which == "k" else self._quantized_values
         if stored is not None:  # tokens already stored without decomposition count too (dequantized)
-            rows = torch.cat([self._dequantize(stored, which)[..., self.sink_length:, :].float(), rows.float()], dim=-2)
+            rows = torch.cat([self.dequantize_range(which, stored, 0)[..., self.sink_length:, :].float(), rows.float()],
+                             dim=-2)
         if rows.shape[-2] < MIN_FIT_TOKENS:
             return
         h, d = rows.shape[1], rows.shape[-1]
@@ -109,22 +127,57 @@ class KVQuantLayer(BaseQuantizedLayer):
                 x = to_large_core(x.float(), self._small_inv[which])
         return x @ orthonormal_mixer(x.shape[-1], x.device) if self._rotated(which) else x
 
-    def _decode(self, large: torch.Tensor, which: str) -> torch.Tensor:
+    def _decode(self, large: torch.Tensor, which: str, start: int = 0) -> torch.Tensor:
+        """Inverse of `_encode` for tokens start..start+n-1 of the sequence (large (B, H, n, D))."""
         x = large @ orthonormal_mixer(large.shape[-1], large.device).T if self._rotated(which) else large
         if self._decomposed(which) and which in self._small:
-            n = self._n_plain.get(which, 0)  # the first n tokens were stored before the core was fitted
+            n = max(self._n_plain.get(which, 0) - start, 0)  # the first tokens were stored before the core was fitted
             x = torch.cat([x[..., :n, :], from_large_core(x[..., n:, :], self._small[which].float())], dim=-2)
         return x
 
     def _quantize(self, tensor: torch.Tensor, which: str = "k") -> PackedTokens:
         if which == "k" and self.key_group:
-            return quantize_channels(tensor.float(), self.bits, self.key_group, self.clip, self.zero_point)
+            x = tensor.float() @ orthonormal_mixer(tensor.shape[-1], tensor.device) if self._rotated("k") else tensor.float()
+            if self.key_outliers:
+                if self._outliers is None:
+                    self._outliers = largest_channels(x, self.key_outliers)
+                out = split_channels(x, self._outliers[0]).to(STORE_DTYPE)  # (B, H, n, outliers)
+                self._outlier_k = out if self._outlier_k is None else torch.cat([self._outlier_k, out], dim=-2)
+                x = split_channels(x, self._outliers[1])  # (B, H, n, D - outliers): what gets quantized
+            return quantize_channels(x, self.bits, self.key_group, self.clip, self.zero_point)
         return quantize_tokens(self._encode(tensor.float(), which), self.bits, self.clip, self.zero_point,
                                self.token_group)
 
-    def _dequantize(self, q_tensor: PackedTokens, which: str = "k") -> torch.Tensor:
-        d = self.head_dim
-        return self._decode(dequantize_tokens(q_tensor, self.bits, d, torch.float32), which).to(self.dtype)
+    def dequantize_range(self, which: str, q_tensor: PackedTokens, start: int) -> torch.Tensor:
+        """States (B, H, n, D) in the compute dtype of packed tokens start..start+n-1 of the sequence, with
+        their 16-bit parts put back (outlier key channels, sink tokens)."""
+        x = dequantize_tokens(q_tensor, self.bits, self.head_dim, torch.float32)
+        if which == "k" and self.key_group:
+            if self.key_outliers:
+                out = self._outlier_k[:, :, start:start + x.shape[-2]]  # (B, H, n, outliers)
+                x = merge_channels([(x, self._outliers[1]), (out, self._outliers[0])], self.head_dim)
+            if self._rotated("k"):
+                x = x @ orthonormal_mixer(x.shape[-1], x.device).T
+        else:
+            x = self._decode(x, which, start)
+        x = x.to(self.dtype)
+        sink = self._sink_k if which == "k" else self._sink_v
+        n = min(sink.shape[-2] - start, x.shape[-2])
+        if n > 0:  # sink tokens: their 16-bit copies replace their codes
+            x = torch.cat([sink[..., start:start + n, :].to(x.dtype), x[..., n:, :]], dim=-2)
+        return x
+
+    def _dequantize(self, q_tensor: PackedTokens, which: str = "k") -> torch.Tensor:  # BaseQuantizedLayer's hook
+        return self.dequantize_range(which, q_tensor, 0)
+
+    def compact_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached token's keys and values (B, H, T, D), dequantized now (the path without a float history)."""
+        parts_k, parts_v = [], []
+        if self._quantized_keys is not None:
+            parts_k.append(self.dequantize_range("k", self._quantized_keys, 0))
+            parts_v.append(self.dequantize_range("v", self._quantized_values, 0))
+        return (torch.cat(parts_k + [self.keys.to(self.dtype)], dim=-2),
+                torch.cat(parts_v + [self.values.to(self.dtype)], dim=-2))
 
     # ---- the Cache layer interface ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -138,21 +191,15 @@ class KVQuantLayer(BaseQuantizedLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
-        parts_k, parts_v = [], []
-        if self._quantized_keys is not None:
-            parts_k.append(self._with_sink(self._dequantize(self._quantized_keys, "k"), self._sink_k))
-            parts_v.append(self._with_sink(self._dequantize(self._quantized_values, "v"), self._sink_v))
         # the current tokens attend to their own exact states, as with transformers' quantized caches
-        keys = torch.cat(parts_k + [self.keys.to(self.dtype), key_states], dim=-2)
-        values = torch.cat(parts_v + [self.values.to(self.dtype), value_states], dim=-2)
+        if self.history is not None:
+            keys, values = self.history.read(self, key_states, value_states)
+        else:
+            old_k, old_v = self.compact_states()
+            keys, values = torch.cat([old_k, key_states], dim=-2), torch.cat([old_v, value_states], dim=-2)
+        self.cumulative_length += key_states.shape[-2]
         self._push(key_states, value_states)
         return keys, values
-
-    def _with_sink(self, states: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
-        """Dequantized states with the first tokens replaced by their 16-bit sink copies."""
-        n = min(sink.shape[-2], states.shape[-2])
-        return torch.cat([sink[..., :n, :].to(states.dtype), states[..., n:, :]], dim=-2) if n else states
 
     def _without_sink(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, H, n, D) holds tokens start..start+n-1; sink tokens among them are replaced by the mean of
@@ -189,6 +236,8 @@ class KVQuantLayer(BaseQuantizedLayer):
             qv = self._quantize(self._without_sink(exact_v, start), "v")
             self._quantized_keys = qk if self._quantized_keys is None else self._quantized_keys.cat(qk)
             self._quantized_values = qv if self._quantized_values is None else self._quantized_values.cat(qv)
+            if self.history is not None:  # written into the float history at the next update
+                self.history.pending.append((start, qk, qv))
             res_k, res_v = res_k[..., overflow:, :], res_v[..., overflow:, :]
         self.keys, self.values = res_k, res_v
 
@@ -198,6 +247,9 @@ class KVQuantLayer(BaseQuantizedLayer):
     def reset(self) -> None:
         super().reset()
         self._small, self._small_inv, self._n_plain = {}, {}, {}
+        self._outliers = self._outlier_k = None
+        if self.history is not None:
+            self.history.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest `-tokens_to_remove` tokens (negative, as transformers' DynamicLayer takes it)."""
@@ -217,6 +269,8 @@ class KVQuantLayer(BaseQuantizedLayer):
             self._quantized_keys = self._quantized_keys.map(lambda t: t[:, :, :keep])
             self._quantized_values = self._quantized_values.map(lambda t: t[:, :, :keep])
         self.cumulative_length -= n
+        if self.history is not None:
+            self.history.reset()  # rebuilt from the packed tokens at the next update
         keep = min(self._sink_k.shape[-2], self.cumulative_length)
         self._sink_k, self._sink_v = self._sink_k[..., :keep, :], self._sink_v[..., :keep, :]
 
@@ -227,6 +281,10 @@ class KVQuantLayer(BaseQuantizedLayer):
         self._sink_k, self._sink_v = fn(self._sink_k), fn(self._sink_v)
         if self._quantized_keys is not None:
             self._quantized_keys, self._quantized_values = self._quantized_keys.map(fn), self._quantized_values.map(fn)
+        if self._outlier_k is not None:
+            self._outlier_k = fn(self._outlier_k)
+        if self.history is not None:
+            self.history.map(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -239,13 +297,19 @@ class KVQuantLayer(BaseQuantizedLayer):
 
     # ---- accounting -----------------------------------------------------------------------
     def storage_bytes(self) -> int:
-        """Bytes held: packed codes, scales, offsets, small cores, the 16-bit window and sink."""
+        """Bytes held: packed codes, scales, offsets, small cores, the 16-bit window, sinks and outlier
+        channels (with their channel indices). The float history is not in it: see `working_bytes`."""
         if not self.is_initialized:
             return 0
         total = (self.keys.numel() + self.values.numel() + self._sink_k.numel() + self._sink_v.numel()) * 2  # fp16
         if self._quantized_keys is not None:
             total += self._quantized_keys.nbytes() + self._quantized_values.nbytes()
-        return total + sum(t.numel() * t.element_size() for t in self._small.values())
+        extra = list(self._small.values()) + ([self._outlier_k, *self._outliers] if self._outlier_k is not None else [])
+        return total + sum(t.numel() * t.element_size() for t in extra)
+
+    def working_bytes(self) -> int:
+        """Bytes of the float history (a dequantized copy kept for speed; 0 without one)."""
+        return 0 if self.history is None else self.history.nbytes()
 
     def fp16_bytes(self) -> int:
         """What a 16-bit cache would hold for the same tokens."""
@@ -253,19 +317,6 @@ class KVQuantLayer(BaseQuantizedLayer):
             return 0
         b, h, _, d = self.keys.shape
         return 2 * b * h * self.cumulative_length * d * 2
-
-
-@functools.lru_cache(maxsize=None)
-def orthonormal_mixer(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(d, d) float32 orthonormal on `device`: the Sylvester Hadamard matrix / sqrt(d) when d is a power
-    of 2, else a fixed-seed random rotation (QR of a Gaussian matrix). Cached: every layer shares it."""
-    if d & (d - 1) == 0:
-        h = torch.ones(1, 1)
-        while h.shape[0] < d:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return (h / d ** 0.5).to(device)
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float().to(device)
 
 
 def _full_attention_layers(config) -> int:
@@ -282,14 +333,16 @@ class DecoQuantCache(Cache):
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, small_dim: int | None = 16,
                  alpha: float = 0.5, clip_search: bool = True, num_layers: int | None = None,
                  zero_point: bool = True, key_group: int | None = None, sink_length: int = 0,
-                 token_group: int | None = None, rotate: bool = False):
+                 token_group: int | None = None, rotate: bool = False, rotate_keys: bool = False,
+                 key_outliers: int = 0, float_history: str | None = None):
         if num_layers is None:
             if config is None:
                 raise ValueError("expected a model config or num_layers, got neither")
             num_layers = _full_attention_layers(config)
         self.bits, self.residual_length = bits, residual_length
         super().__init__(layers=[KVQuantLayer(bits, residual_length, small_dim, alpha, clip_search, zero_point,
-                                              key_group, sink_length, token_group, rotate)
+                                              key_group, sink_length, token_group, rotate, rotate_keys,
+                                              key_outliers, float_history)
                                  for _ in range(num_layers)])
 
     def storage_bytes(self) -> int:
@@ -298,16 +351,20 @@ class DecoQuantCache(Cache):
     def fp16_bytes(self) -> int:
         return sum(layer.fp16_bytes() for layer in self.layers)
 
+    def working_bytes(self) -> int:
+        """Bytes of the layers' float histories (0 without them)."""
+        return sum(layer.working_bytes() for layer in self.layers)
+
 
 class RTNKVCache(DecoQuantCache):
     """Plain round-to-nearest per-token KV quantization: DecoQuant's ablation (no decomposition)."""
 
     def __init__(self, config=None, bits: int = 4, residual_length: int = 16, clip_search: bool = True,
                  num_layers: int | None = None, zero_point: bool = True, key_group: int | None = None,
-                 sink_length: int = 0, token_group: int | None = None, rotate: bool = False):
+                 sink_length: int = 0, token_group: int | None = None, rotate: bool = False, **kw):
         super().__init__(config, bits, residual_length, small_dim=None, clip_search=clip_search, num_layers=num_layers,
                          zero_point=zero_point, key_group=key_group, sink_length=sink_length,
-                         token_group=token_group, rotate=rotate)
+                         token_group=token_group, rotate=rotate, **kw)
 
 
 def _tensor_bytes(t) -> int:

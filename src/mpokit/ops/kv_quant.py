@@ -2,17 +2,20 @@
 
 Both use the group-wise quantizer of `mpokit.ops.quant` with one group per token row (D
 values) or per channel of a block of G tokens, and keep the packed codes with a float16
-scale and an offset per group.
+scale and an offset per group. Also the fixed orthonormal mixer the caches rotate rows by, and the
+split of a few outlier channels (kept aside in 16 bits) from the channels that get quantized.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from mpokit.ops.quant import dequantize, pack_bits, quantize, unpack_bits
 
-__all__ = ["PackedTokens", "quantize_tokens", "dequantize_tokens", "quantize_channels", "dequantize_channels"]
+__all__ = ["PackedTokens", "quantize_tokens", "dequantize_tokens", "quantize_channels", "dequantize_channels",
+           "orthonormal_mixer", "largest_channels", "split_channels", "merge_channels"]
 
 
 @dataclass
@@ -81,3 +84,44 @@ def dequantize_channels(p: PackedTokens, bits: int, dtype: torch.dtype) -> torch
     codes = unpack_bits(p.packed.reshape(b * h * nb * d, -1), bits, p.block)  # (BH nb D, G)
     x = dequantize(codes, p.scale.reshape(-1, 1), p.offset.reshape(-1, 1), bits, p.block, dtype=dtype)
     return x.reshape(b, h, nb, d, p.block).transpose(-1, -2).reshape(b, h, nb * p.block, d)
+
+
+@functools.lru_cache(maxsize=None)
+def orthonormal_mixer(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(d, d) float32 orthonormal on `device`: the Sylvester Hadamard matrix / sqrt(d) when d is a power
+    of 2, else a fixed-seed random rotation (QR of a Gaussian matrix). Cached: every layer shares it."""
+    if d & (d - 1) == 0:
+        h = torch.ones(1, 1)
+        while h.shape[0] < d:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return (h / d ** 0.5).to(device)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float().to(device)
+
+
+def largest_channels(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outlier, kept) channel indices per head, (H, count) and (H, D - count), both sorted: the `count`
+    channels of rows x (B, H, n, D) with the largest magnitude over the batch and the tokens."""
+    d = x.shape[-1]
+    if not 0 < count < d:
+        raise ValueError(f"expected 0 < outlier channels < head size {d}, got {count}")
+    peak = x.abs().amax(dim=(0, 2))  # (H, D)
+    outlier = peak.topk(count, dim=-1).indices.sort(-1).values  # (H, count)
+    mask = torch.ones_like(peak, dtype=torch.bool).scatter_(-1, outlier, False)
+    kept = mask.nonzero()[:, 1].reshape(peak.shape[0], d - count)  # (H, D - count), row-major order keeps heads
+    return outlier, kept
+
+
+def split_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, D) -> x[..., index[h]] per head: (B, H, n, len(index[h]))."""
+    b, _, n, _ = x.shape
+    return x.gather(-1, index[None, :, None, :].expand(b, -1, n, -1))
+
+
+def merge_channels(parts: list[tuple[torch.Tensor, torch.Tensor]], d: int) -> torch.Tensor:
+    """Inverse of `split_channels` over a partition of the channels: [(values (B, H, n, c), index (H, c))]."""
+    b, h, n, _ = parts[0][0].shape
+    out = parts[0][0].new_empty(b, h, n, d)
+    for values, index in parts:
+        out.scatter_(-1, index[None, :, None, :].expand(b, -1, n, -1), values.to(out.dtype))
+    return out

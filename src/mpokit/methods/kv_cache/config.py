@@ -4,8 +4,10 @@
 the decomposition), a 16-token 16-bit window. "-kc": keys per channel over 64-token blocks with
 4 sink tokens kept in 16 bits and no extra window (partial key blocks wait in 16 bits): much
 better at 2 bits. "-kcr": the same, with values (DecoQuant: their large core) rotated by a
-Hadamard matrix before quantization: the best 2-bit setting measured. "quanto": transformers'
-QuantizedCache with the optimum-quanto backend, the baseline.
+Hadamard matrix before quantization. "-rk": -kcr with the keys rotated as well; "-long": -rk with
+32-token key blocks and a 32-token 16-bit window, for 2 bits at 1024-2048-token contexts (both tuned
+on WikiText-2 valid, with a float history for fast decoding). Outlier key channels in 16 bits
+(`key_outliers`) are an option, in no preset: rotating the keys did better for no bytes. "quanto": transformers' QuantizedCache with the optimum-quanto backend, the baseline.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from mpokit.methods.base import MethodConfig, option
 from mpokit.methods.checks import check_ints, nonnegative_int, positive_int
 
 __all__ = ["DecoQuantKVConfig", "RTNKVConfig", "DecoQuantKCConfig", "RTNKCConfig", "DecoQuantKCRConfig",
-           "RTNKCRConfig", "QuantoKVConfig"]
+           "RTNKCRConfig", "DecoQuantRKConfig", "DecoQuantLongConfig", "RTNLongConfig", "QuantoKVConfig"]
 
 
 @dataclass
@@ -39,11 +41,21 @@ class DecoQuantKVConfig(MethodConfig):
     token_group: int | None = None
     clip_search: bool = True
     zero_point: bool = True
+    rotate_keys: bool = False
+    key_outliers: int = option(0, "key channels per head kept in 16 bits (per-channel keys only)",
+                               flag="--kv-key-outliers", type=nonnegative_int)
+    float_history: str | None = None
 
     def __post_init__(self) -> None:
+        from mpokit.layers.kv_history import HISTORY_DTYPES
+
         check_ints(self, 1, ["bits"])
-        check_ints(self, 0, ["residual_length", "sink_length"])
+        check_ints(self, 0, ["residual_length", "sink_length", "key_outliers"])
         check_ints(self, 1, ["small_dim", "key_group", "token_group"], optional=True)
+        if self.key_outliers and not self.key_group:
+            raise ValueError("expected key_outliers only with per-channel keys (key_group), got key_group=None")
+        if self.float_history is not None and self.float_history not in HISTORY_DTYPES:
+            raise ValueError(f"expected float_history in {HISTORY_DTYPES} or None, got {self.float_history!r}")
 
     def make_cache(self, model_config):
         """A fresh, empty cache for one generation or evaluation window."""
@@ -52,7 +64,8 @@ class DecoQuantKVConfig(MethodConfig):
         return DecoQuantCache(model_config, bits=self.bits, residual_length=self.residual_length,
                               small_dim=self.small_dim, clip_search=self.clip_search, zero_point=self.zero_point,
                               key_group=self.key_group, sink_length=self.sink_length, token_group=self.token_group,
-                              rotate=self.rotate)
+                              rotate=self.rotate, rotate_keys=self.rotate_keys, key_outliers=self.key_outliers,
+                              float_history=self.float_history)
 
 
 @dataclass
@@ -84,6 +97,33 @@ class DecoQuantKCRConfig(DecoQuantKCConfig):
 @dataclass
 class RTNKCRConfig(DecoQuantKCRConfig):
     method: ClassVar[str] = "rtn-kcr"
+    small_dim: int | None = None
+
+
+@dataclass
+class DecoQuantRKConfig(DecoQuantKCRConfig):
+    """-kcr with the keys rotated too (the Hadamard matrix before their per-channel quantization): no extra
+    bytes, less error than -kcr at every bit width measured (docs/benchmarks/kv-long.md); the 4-bit
+    setting. Keeps a float16 float history, so decoding dequantizes each token once."""
+
+    method: ClassVar[str] = "decoquant-rk"
+    rotate_keys: bool = True
+    float_history: str | None = "float16"
+
+
+@dataclass
+class DecoQuantLongConfig(DecoQuantRKConfig):
+    """-rk with keys per channel over 32-token blocks and a 32-token 16-bit window of the newest tokens:
+    the 2-bit setting (the window's bytes weigh less the longer the context)."""
+
+    method: ClassVar[str] = "decoquant-long"
+    key_group: int | None = 32
+    residual_length: int = 32
+
+
+@dataclass
+class RTNLongConfig(DecoQuantLongConfig):
+    method: ClassVar[str] = "rtn-long"
     small_dim: int | None = None
 
 
