@@ -13,6 +13,8 @@ plans every budget from them (report.extra["candidates"]).
 
     .venv/bin/python bench/bench_mixed.py                      # ~40 min on 2 idle cores
     .venv/bin/python bench/bench_mixed.py --bpw 3.0 --gptq-bits 3 --no-lowrank --no-peers
+    .venv/bin/python bench/bench_mixed.py --bpw 4.0 3.0 --factor-bits --gptq-bits --no-lowrank --no-peers \
+        --out results/bench_mixed_no_lowrank.json --plot /tmp/no-lowrank.png   # ablation: no low-rank candidates
 torchao: install it to a side folder and pass --peer-path (see bench/bench_quant.py).
 Writes results/bench_mixed.json and the plot docs/benchmarks/mixed-pareto.png.
 """
@@ -99,11 +101,12 @@ def run_mixed(run: Run) -> None:
     candidates = None
     for bpw in run.args.bpw:
         config = MixedConfig(bits_per_weight=bpw, group_size=run.args.group, embeddings=None,
-                             calibration_tokens=run.args.calib_tokens)
+                             calibration_tokens=run.args.calib_tokens, factor_bits=tuple(run.args.factor_bits))
         model, rep, sec = run.compressed([config], **({"candidates": candidates} if candidates else {}))
         if candidates is None:
             candidates = rep.extra["candidates"]
-        run.add(f"mixed {bpw}", "mixed", model, sec, choices=rep.extra["choices"])
+        family = "mixed" if run.args.factor_bits else "mixed, no low rank"
+        run.add(f"{family} {bpw}", family, model, sec, choices=rep.extra["choices"])
         del model
         gc.collect()
 
@@ -149,7 +152,8 @@ def run_peers(run: Run) -> None:
             gc.collect()
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, top: float = 8.0) -> None:
+    """Perplexity ratio vs bits per weight per family; points above `top` are drawn on the top edge and named."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,14 +161,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "wiki_x", "WikiText-2 test"), (axes[1], "ood_x", "Python docs (untuned)")):
+        off = []
         for family in dict.fromkeys(r["family"] for r in rows[1:]):
-            pts = sorted((r["bits_per_weight"], r[key]) for r in rows[1:] if r["family"] == family)
-            ax.plot(*zip(*pts), marker="o", label=family)
+            pts = sorted((r["bits_per_weight"], r[key], r["variant"]) for r in rows[1:] if r["family"] == family)
+            ax.plot([p[0] for p in pts], [min(p[1], top) for p in pts], marker="o", label=family)
+            off += [f"{v} ({y:.3g}x)" for _, y, v in pts if y > top]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_ylim(0.95, top * 1.05)
         ax.set_xlabel("bits per weight of the decoder linear layers (stored, log scale)")
         ax.set_ylabel("perplexity / dense (log scale)")
-        ax.set_title(label)
+        ax.set_title(label + (f"\noff scale, drawn at {top:g}x: " + ", ".join(off) if off else ""), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -176,7 +183,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bpw", type=float, nargs="+", default=[4.0, 3.5, 3.0, 2.5])
-    p.add_argument("--gptq-bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    p.add_argument("--factor-bits", type=int, nargs="*", default=[4, 8],
+                   help="bits of the low-rank candidates' factors (none: GPTQ bit widths only, an ablation)")
+    p.add_argument("--gptq-bits", type=int, nargs="*", default=[2, 3, 4, 8])
     p.add_argument("--lowrank", type=float, nargs="+", default=[0.8, 0.6])
     p.add_argument("--no-lowrank", action="store_true")
     p.add_argument("--no-peers", action="store_true")
