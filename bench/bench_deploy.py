@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gptq", action="store_true", help="add GPTQ int4 g128 (a few minutes to compress)")
     p.add_argument("--mixed", action="store_true", help="add the mixed byte budget at 4.0/3.0/2.5 bits per weight")
     p.add_argument("--checkpoint", action="append", default=[], help="NAME=DIR: also measure this checkpoint")
+    p.add_argument("--checkpoint-kernel", default="auto", choices=["auto", "fast", "always", "reference"],
+                   help="quantized layers' kernel choice for the --checkpoint models (default auto)")
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=64)
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_child(name, ckpts[name], variants[name][1], variants[name][2], threads, args))
                 print(json.dumps(rows[-1]), flush=True)
             for name, path in extra.items():
-                rows.append(run_child(name, Path(path), "float32", "auto", threads, args))
+                rows.append(run_child(name, Path(path), "float32", args.checkpoint_kernel, threads, args))
                 print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         base = next((b for b in rows if b["model"] == "dense-fp32" and b["threads"] == r["threads"]), None)
