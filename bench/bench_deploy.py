@@ -60,7 +60,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads[0])
     from mpokit import load_model
     from mpokit.eval.perplexity import perplexity
-    from mpokit.layers.quant import kernel_paths, set_kernel_
+    from mpokit.layers.quant import set_kernel_
 
     start = time.perf_counter()
     loaded = load_model(args.checkpoint_dir)  # None: the dense default; a folder: load_compressed + its tokenizer
