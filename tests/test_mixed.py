@@ -189,3 +189,26 @@ def test_gguf_export_writes_codes_and_densifies_lowrank(tmp_path):
             if t["name"].startswith("blk.") and "norm" not in t["name"]]
     assert rows and all(t["type"] in ("Q4_0", "Q4_1") for t in rows)
     assert all(t["exact"] for t in rows if t["type"] == "Q4_0")  # 2/3 bits; 4-bit Q4_1 rounds m = -z*s to fp16
+
+
+def test_lowrank_layers_run_both_factors_on_the_packed_kernels():
+    """A low-rank QuantMPOLinear with kernel-friendly groups takes the int4 kernel for both factors."""
+    from mpokit.layers.quant import kernel_paths, set_kernel_
+    from mpokit.ops import quant_kernels
+
+    if not quant_kernels.kernels_available():
+        pytest.skip("torch's packed CPU kernels are not available here")
+    w, gram, r = _layer_data(out=96, inp=128)
+    layer = lowrank_layer(lowrank_codes(w, gram, r, 32, 4, Grid(32)), None, torch.float32)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        reference = layer(x)
+        assert kernel_paths(layer) == {"int4": 2}
+        assert set_kernel_(layer, "always") == {"int4": 2}
+        fast = layer(x)
+        set_kernel_(layer, "reference")
+        assert kernel_paths(layer) == {"reference": 2} and torch.equal(layer(x), reference)
+    assert not torch.equal(fast, reference)  # the kernel ran (bfloat16 rounding)...
+    assert (fast - reference).abs().max() <= 2e-2 * reference.abs().max()  # ...and agrees
+    assert list(layer.state_dict()) == ["qcores.0.packed", "qcores.0.scale", "qcores.0.offset", "qcores.1.packed",
+                                        "qcores.1.scale", "qcores.1.offset"]  # the views add no state

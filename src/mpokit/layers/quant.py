@@ -313,17 +313,31 @@ class QuantLinear(QuantizedWeight, MpokitLayer, nn.Module):
                 f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}")
 
 
+def _kernel_layers(model: nn.Module) -> list[QuantLinear]:
+    """Every QuantLinear, and the factor views of low-rank QuantMPOLinear layers (quant_mpo.py)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            out.append(m)
+        elif hasattr(m, "factor_views") and m.factor_views() is not None:
+            out.extend(m.factor_views())
+    return out
+
+
 def set_kernel_(model: nn.Module, kernel: str) -> dict[str, int]:
-    """Set every QuantLinear's kernel choice (KERNELS); returns {path: layers} it allows."""
+    """Set every quantized layer's kernel choice (KERNELS); returns {path: layers} it allows."""
     if kernel not in KERNELS:
         raise ValueError(f"expected kernel in {KERNELS}, got {kernel!r}")
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) or hasattr(m, "factor_views"):
             m.kernel = kernel
-            m._packed_for_kernel = None
+    for m in _kernel_layers(model):
+        m.kernel = kernel
+        m._packed_for_kernel = None
     return kernel_paths(model)
 
 
 def kernel_paths(model: nn.Module) -> dict[str, int]:
-    """How many QuantLinear layers take each forward path (int4, int8, reference)."""
-    return dict(Counter(m.kernel_path() for m in model.modules() if isinstance(m, QuantLinear)))
+    """How many quantized matrices take each forward path (int4, int8, reference); a low-rank layer's
+    two factors count as two."""
+    return dict(Counter(m.kernel_path() for m in _kernel_layers(model)))

@@ -16,7 +16,7 @@ from torch import nn
 from mpokit.layers.base import MpokitLayer, as_replaced
 from mpokit.layers.cast import balance_exponents, cast_dtype, check_cast, narrower, norm_bound
 from mpokit.layers.mpo import CONTRACT_OVERHEAD, MPOLinear
-from mpokit.layers.quant import QuantizedTensor
+from mpokit.layers.quant import QuantizedTensor, QuantLinear
 from mpokit.ops.quant import SCALE_DTYPE
 from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply
 from mpokit.ops.tt import core_shapes, tt_to_matrix
@@ -56,6 +56,28 @@ class QuantMPOLinear(MpokitLayer, nn.Module):
             for k, s in enumerate(self.shapes) if k not in self.quantized})
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.bits, self.group_size, self.symmetric, self.zero_point = bits, group_size, symmetric, zero_point
+        self.kernel = "auto"  # as QuantLinear.kernel; used by the two-factor (low-rank) layout only
+
+    def factor_views(self) -> tuple[QuantLinear, QuantLinear] | None:
+        """(B, A) as QuantLinear layers sharing this layer's packed cores, for the low-rank layout
+        (out,1)x(1,in) with both cores quantized: y = A (B x) runs on the packed kernels where the grid
+        allows (QuantLinear.kernel_path). None for any other layout. Not submodules: no state of their own."""
+        if not (len(self.shapes) == 2 and self.quantized == [0, 1] and self.in_dims[0] == 1 and self.out_dims[1] == 1):
+            return None
+        views = self.__dict__.get("_factor_views")
+        if views is None:
+            rank = self.bonds[0]
+            views = []
+            for k, (i, o) in (("1", (self.in_features, rank)), ("0", (rank, self.out_features))):
+                q = self.qcores[k]
+                view = QuantLinear(i, o, q.bits, q.group_size, q.symmetric, bias=False, zero_point=q.zero_point,
+                                   device="meta")
+                view.qweight = q
+                views.append(view)
+            self.__dict__["_factor_views"] = views = tuple(views)
+        for view in views:
+            view.kernel, view.compute_dtype = self.kernel, self.compute_dtype
+        return views
 
     @classmethod
     def from_mpo(cls, layer: MPOLinear, which: str = "all", *, bits: int = 4, group_size: int = 128,
@@ -101,6 +123,11 @@ class QuantMPOLinear(MpokitLayer, nn.Module):
             raise ValueError(f"expected input with last dim {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        views = self.factor_views()
+        if views is not None and self.in_features == self.in_dims[1] and self.out_features == self.out_dims[0]:
+            y = views[1](views[0](x2))  # (n, out): two packed GEMMs, no dequantized weight kept
+            y = y + self.bias.to(y.dtype) if self.bias is not None else y
+            return y.reshape(*lead, self.out_features)
         cores = self.cores()
         dense = dense_flops(x2.shape[0], self.out_features, self.in_features) + reconstruct_flops(self.shapes)
         if CONTRACT_OVERHEAD * contract_flops(x2.shape[0], self.shapes) < dense:
