@@ -23,7 +23,7 @@ from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, 
 from mpokit.ops.factorize import choose_local_dims
 from mpokit.ops.tt import TTInfo, check_finite, core_shapes, pad_matrix, tt_svd, tt_svd_to_budget, tt_to_matrix
 
-__all__ = ["MPOModule", "MPOLinear", "MPOEmbedding", "make_layout", "FORWARD_MODES", "CastOverflowError",
+__all__ = ["MPOCores", "MPOModule", "MPOLinear", "MPOEmbedding", "make_layout", "FORWARD_MODES", "CastOverflowError",
            "cast_dtype", "narrower", "balance_exponents", "check_cast", "norm_bound"]
 
 FORWARD_MODES = ("auto", "contract", "dense")
@@ -58,8 +58,11 @@ def make_layout(
     return out_dims, in_dims
 
 
-class MPOModule(MpokitLayer, nn.Module, register=False):
-    """Common storage: cores (r_{k-1}, o_k, i_k, r_k) of a padded (prod o, prod i) matrix."""
+class MPOCores:
+    """Storage of one matrix as cores (r_{k-1}, o_k, i_k, r_k) of its padded (prod o, prod i) form: the
+    cores, their cache of the rebuilt matrix, decomposition, and dtype casts that keep them finite.
+    A mixin placed before nn.Module; MPOModule adds the layer protocol, and mpo_rnn.MPOMatrix (one
+    gate matrix of an MPO LSTM/GRU, not a layer of its own) uses it as is."""
 
     rows: int  # logical matrix rows (before padding)
     cols: int
@@ -172,6 +175,19 @@ class MPOModule(MpokitLayer, nn.Module, register=False):
     def _rebuilt(self) -> torch.Tensor:
         return tt_to_matrix([c.detach() for c in self.cores])
 
+    def _decompose(self, weight, *, max_bond=None, cutoff=None, max_params=None) -> None:
+        check_finite(weight)
+        padded = pad_matrix(weight.detach(), math.prod(self.out_dims), math.prod(self.in_dims))
+        if max_params is not None:
+            cores, info = tt_svd_to_budget(padded, self.out_dims, self.in_dims, int(max_params))
+        else:
+            cores, info = tt_svd(padded, self.out_dims, self.in_dims, max_bond=max_bond, cutoff=cutoff)
+        self.set_cores(cores, info)
+
+
+class MPOModule(MPOCores, MpokitLayer, nn.Module, register=False):
+    """An mpokit layer whose weight is MPOCores storage (MPOLinear, MPOEmbedding, MPOConv2d)."""
+
     def spec(self) -> dict[str, Any]:
         spec = {
             "type": type(self).__name__, "out_dims": self.out_dims, "in_dims": self.in_dims,
@@ -183,15 +199,6 @@ class MPOModule(MpokitLayer, nn.Module, register=False):
 
     def extra_repr(self) -> str:
         return f"{self.rows}x{self.cols}, out_dims={self.out_dims}, in_dims={self.in_dims}, bonds={self.bonds}"
-
-    def _decompose(self, weight, *, max_bond=None, cutoff=None, max_params=None) -> None:
-        check_finite(weight)
-        padded = pad_matrix(weight.detach(), math.prod(self.out_dims), math.prod(self.in_dims))
-        if max_params is not None:
-            cores, info = tt_svd_to_budget(padded, self.out_dims, self.in_dims, int(max_params))
-        else:
-            cores, info = tt_svd(padded, self.out_dims, self.in_dims, max_bond=max_bond, cutoff=cutoff)
-        self.set_cores(cores, info)
 
 
 class MPOLinear(MPOModule):

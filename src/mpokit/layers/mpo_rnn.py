@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpokit.layers.base import MpokitLayer
-from mpokit.layers.mpo import CONTRACT_OVERHEAD, FORWARD_MODES, LOWRANK_OVERHEAD, make_layout
+from mpokit.layers.mpo import CONTRACT_OVERHEAD, FORWARD_MODES, LOWRANK_OVERHEAD, MPOCores, make_layout
 from mpokit.ops.contract import contract_flops, dense_flops, reconstruct_flops, tt_apply
-from mpokit.ops.tt import TTInfo, check_finite, core_shapes, pad_matrix, tt_svd, tt_svd_to_budget, tt_to_matrix
+from mpokit.ops.tt import TTInfo
 
 __all__ = ["MPOMatrix", "MPORNN", "MPOLSTM", "MPOGRU", "rnn_matrices"]
 
@@ -37,72 +37,31 @@ def _weight_names(num_layers: int, dirs: int, kind: str = "weight") -> list[str]
             for part in ("ih", "hh")]
 
 
-class MPOMatrix(nn.Module):
-    """One (rows, cols) matrix as MPO cores (r_{k-1}, o_k, i_k, r_k) of its zero-padded form."""
+class MPOMatrix(MPOCores, nn.Module):
+    """One (rows, cols) gate matrix as MPO cores (layers/mpo.MPOCores storage), with the two forward paths."""
 
     def __init__(self, rows, cols, out_dims, in_dims, bonds, device=None, dtype=None):
         super().__init__()
-        self.rows, self.cols, self.out_dims, self.in_dims = rows, cols, list(out_dims), list(in_dims)
-        self.cores = nn.ParameterList(nn.Parameter(torch.zeros(s, device=device, dtype=dtype))
-                                      for s in core_shapes(self.out_dims, self.in_dims, list(bonds)))
-        self.info: TTInfo | None = None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
-
-    @property
-    def bonds(self) -> list[int]:
-        return [c.shape[-1] for c in self.cores][:-1]
-
-    @property
-    def is_lowrank(self) -> bool:
-        return len(self.out_dims) == 2 and self.out_dims[1] == 1 and self.in_dims[0] == 1
-
-    def core_params(self) -> int:
-        return sum(c.numel() for c in self.cores)
-
-    def set_cores(self, cores: list[torch.Tensor], info: TTInfo | None = None) -> None:
-        dtype, device = self.cores[0].dtype, self.cores[0].device
-        self.cores = nn.ParameterList(nn.Parameter(c.detach().to(device=device, dtype=dtype).contiguous())
-                                      for c in cores)
-        self.info, self._cache = info, None
+        self.rows, self.cols = rows, cols
+        self._init_cores(out_dims, in_dims, bonds, device, dtype)
 
     def decompose_(self, weight: torch.Tensor, *, max_bond=None, cutoff=None, max_params=None) -> None:
-        check_finite(weight)
-        padded = pad_matrix(weight.detach(), math.prod(self.out_dims), math.prod(self.in_dims))
-        if max_params is not None:
-            self.set_cores(*tt_svd_to_budget(padded, self.out_dims, self.in_dims, int(max_params)))
-        else:
-            self.set_cores(*tt_svd(padded, self.out_dims, self.in_dims, max_bond=max_bond, cutoff=cutoff))
-
-    def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(c.requires_grad for c in self.cores)
-
-    def full_weight(self) -> torch.Tensor:
-        return tt_to_matrix(list(self.cores))[: self.rows, : self.cols]
+        self._decompose(weight, max_bond=max_bond, cutoff=cutoff, max_params=max_params)
 
     def matrix(self) -> torch.Tensor:
         """The rebuilt matrix: with autograd when training, else cached until a core changes."""
-        if self.needs_grad():
-            return self.full_weight()
-        key = tuple((id(c), c._version, c.device, c.dtype) for c in self.cores)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.full_weight().contiguous())
-        return self._cache[1]
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None
-        return super()._apply(fn, recurse)
+        return self.full_weight() if self._needs_grad() else self.cached_weight()
 
     def contract_cost(self, batch: int, calls: int) -> tuple[float, float]:
         """(dense, contract) FLOPs of `calls` products with (batch, cols) inputs; dense rebuilds once."""
         shapes = [tuple(c.shape) for c in self.cores]
         dense = calls * dense_flops(batch, self.rows, self.cols)
-        if self.needs_grad():
+        if self._needs_grad():
             dense += reconstruct_flops(shapes)
         if self.is_lowrank:
             r = self.bonds[0]
             lowrank = calls * (dense_flops(batch, r, self.cols) + dense_flops(batch, self.rows, r))
-            return dense, (LOWRANK_OVERHEAD if self.needs_grad() else 1.0) * lowrank
+            return dense, (LOWRANK_OVERHEAD if self._needs_grad() else 1.0) * lowrank
         return dense, CONTRACT_OVERHEAD * calls * contract_flops(batch, shapes)
 
     def operator(self, batch: int, calls: int, mode: str):
