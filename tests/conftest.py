@@ -1,6 +1,12 @@
 """Tiny models built in memory from configs, shared by the unit tests."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +55,25 @@ def gpt2():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+_HIDE_MPOKIT = textwrap.dedent("""
+    import sys
+    try:
+        import mpokit
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("mpokit is importable here: " + mpokit.__file__)
+""")
+
+
+def run_without_mpokit(script: str, args: list[str], cwd: Path, timeout: int, **env) -> None:
+    """Run `script` in a Python that cannot import mpokit: -S skips site-packages' .pth files (among them
+    mpokit's editable-install path) and PYTHONPATH gives the packages back without it. The script starts by
+    checking that mpokit is not importable; a non-zero exit fails the test with the script's stderr."""
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    env = {"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin", "HOME": str(cwd), **env}
+    done = subprocess.run([sys.executable, "-S", "-c", _HIDE_MPOKIT + textwrap.dedent(script), *map(str, args)],
+                          env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -4,15 +4,13 @@ mpokit; the grids the format cannot hold, the CLI, and the refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import sysconfig
 import textwrap
 
 import pytest
 import torch
 
 import mpokit
+from conftest import run_without_mpokit
 from mpokit.cli.main import main
 from mpokit.export import CTOptions, export_compressed_tensors
 from mpokit.io.checkpoint import is_checkpoint
@@ -224,13 +222,6 @@ def test_mpo_layers_are_written_as_their_dense_product(tmp_path):
 
 
 _NO_MPOKIT = textwrap.dedent("""
-    import sys
-    try:
-        import mpokit
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("mpokit is importable here: " + mpokit.__file__)
     import torch
     from transformers import AutoModelForCausalLM
     folder, io = sys.argv[1], sys.argv[2]
@@ -244,17 +235,12 @@ _NO_MPOKIT = textwrap.dedent("""
 
 @pytest.mark.parametrize("config", [{"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 32, "symmetric": True}])
 def test_the_folder_loads_where_mpokit_cannot_be_imported(tmp_path, config):
-    """-S skips site-packages' .pth files, among them mpokit's editable-install path; PYTHONPATH gives the
-    packages back without it."""
+    """In a Python that cannot import mpokit (conftest.run_without_mpokit)."""
     model = quantized(**config)
     export_compressed_tensors(model, tmp_path / "m", tokenizer=TOKENIZER)
     x = tokens()
     torch.save(x, tmp_path / "x.pt")
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    env = {"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-S", "-c", _NO_MPOKIT, str(tmp_path / "m"), str(tmp_path)], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_without_mpokit(_NO_MPOKIT, [tmp_path / "m", tmp_path], tmp_path, 300)
     ref = mpokit_logits(model, x)
     assert (torch.load(tmp_path / "logits.pt") - ref).abs().max() <= 1e-5 * ref.abs().max()
 

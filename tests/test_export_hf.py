@@ -8,16 +8,13 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-import subprocess
-import sys
-import sysconfig
 import textwrap
 
 import pytest
 import torch
 
 import mpokit
-from conftest import tiny_bert, tiny_gpt2
+from conftest import run_without_mpokit, tiny_bert, tiny_gpt2
 from mpokit.cli.main import main
 from mpokit.export import FORMATS, HFOptions, export_hf
 from mpokit.export.hf import MODELING_FILE, template_files
@@ -81,13 +78,7 @@ AUTO = {"bert-moefication": "AutoModelForSequenceClassification"}  # the others:
 _LOAD = textwrap.dedent("""
     import json, sys, traceback
     from pathlib import Path
-    try:
-        import mpokit
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("mpokit is importable here: " + mpokit.__file__)
-    sys.modules["mpokit"] = None  # and stays hidden
+    sys.modules["mpokit"] = None  # stays hidden (run_without_mpokit checked it is not importable)
     import torch, transformers
     results = {}
     for name, folder, auto, x in torch.load(sys.argv[1]):
@@ -118,12 +109,8 @@ _LOAD = textwrap.dedent("""
 def load_without_mpokit(root, jobs: list[tuple]) -> dict:
     """Load each (name, folder, auto class, input ids) in one Python without mpokit; logits and more back."""
     torch.save(jobs, root / "jobs.pt")
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    env = {"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin", "HOME": str(root), "OMP_NUM_THREADS": "1",
-           "HF_MODULES_CACHE": str(root / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-S", "-c", _LOAD, str(root / "jobs.pt"), str(root / "results.pt")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_without_mpokit(_LOAD, [root / "jobs.pt", root / "results.pt"], root, 900, OMP_NUM_THREADS="1",
+                       HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1")
     return torch.load(root / "results.pt")
 
 
