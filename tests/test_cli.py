@@ -26,17 +26,21 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """An HF model folder, a text file, and one compressed checkpoint made by the CLI."""
-    root = tmp_path_factory.mktemp("cli")
+def save_model_and_text(root, words: int) -> None:
+    """root/hf: a tiny word-level llama as a Hugging Face folder; root/text.txt: `words` random words of it."""
     torch.manual_seed(0)
     model, tok = tiny_llama(), tiny_tokenizer()
     model.save_pretrained(root / "hf")
     tok.save_pretrained(root / "hf")
     g = torch.Generator().manual_seed(1)
-    words = [WORDS[int(k)] for k in torch.randint(0, len(WORDS), (600,), generator=g)]
-    (root / "text.txt").write_text(" ".join(words))
+    (root / "text.txt").write_text(" ".join(WORDS[int(k)] for k in torch.randint(0, len(WORDS), (words,), generator=g)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An HF model folder, a text file, and one compressed checkpoint made by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    save_model_and_text(root, 600)
     code = main(["compress", "--model", str(root / "hf"), "--method", "mpo-datafree", "--budget", "0.5",
                  "--out", str(root / "ckpt"),
                  "--json", str(root / "compress.json"), "--layers"])

@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 from mpokit.cli.common import resolve_device
 from mpokit.cli.main import build_parser, main
-from test_cli import WORDS, tiny_tokenizer
+from test_cli import save_model_and_text
 
 NO_CUDA = "expected an available device, got cuda: torch.cuda.is_available() is False"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.is_available() is False")
@@ -24,12 +23,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def root(tmp_path_factory):
     """A tiny llama as a Hugging Face folder, a text for calibration and perplexity, one CPU checkpoint."""
     root = tmp_path_factory.mktemp("device")
-    torch.manual_seed(0)
-    model, tok = tiny_llama(), tiny_tokenizer()
-    model.save_pretrained(root / "hf")
-    tok.save_pretrained(root / "hf")
-    g = torch.Generator().manual_seed(1)
-    (root / "text.txt").write_text(" ".join(WORDS[int(k)] for k in torch.randint(0, len(WORDS), (800,), generator=g)))
+    save_model_and_text(root, 800)
     assert main(["compress", "--model", str(root / "hf"), "--method", "gptq", "--group-size", "32",
                  "--calibration", str(root / "text.txt"), "--calibration-tokens", "512", "--device", "cpu",
                  "--out", str(root / "ckpt"), "--json", str(root / "compress.json")]) == 0
