@@ -329,7 +329,7 @@ def set_kernel_(model: nn.Module, kernel: str) -> dict[str, int]:
     if kernel not in KERNELS:
         raise ValueError(f"expected kernel in {KERNELS}, got {kernel!r}")
     for m in model.modules():
-        if isinstance(m, QuantLinear) or hasattr(m, "factor_views"):
+        if hasattr(m, "factor_views"):  # a low-rank layer's views copy its choice on every call
             m.kernel = kernel
     for m in _kernel_layers(model):
         m.kernel = kernel
