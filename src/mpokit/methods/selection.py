@@ -24,7 +24,7 @@ from mpokit.methods.finetune import FinetuneConfig, Prepared, TrainContext, Trai
 from mpokit.ops.stable_rank import relative_change, stable_rank
 from mpokit.surgery.targets import weight_matrix
 
-__all__ = ["SELECTIONS", "ORDERS", "STARTS", "SelectiveFinetuneConfig", "select_count", "select_modules",
+__all__ = ["SELECTIONS", "ORDERS", "STARTS", "SelectiveFinetuneConfig", "select_count", "select_top",
            "stable_rank_scores", "fisher_scores", "calibration_batches", "effective_weight", "StartGate",
            "stable_rank_start_callback", "open_fraction"]
 
@@ -57,10 +57,13 @@ def select_count(fraction: float, n: int) -> int:
     return min(n, max(1, int(fraction * n + 0.5)))
 
 
-def select_modules(scores: dict[str, float], count: int, largest: bool) -> list[str]:
-    """The `count` names with the largest (or smallest) scores, in model order (ties: model order)."""
-    ranked = sorted(scores, key=scores.get, reverse=largest)[:count]
-    return [n for n in scores if n in set(ranked)]
+def select_top(scores: dict[str, float], count: int, largest: bool = True) -> list[str]:
+    """The `count` names with the largest (or smallest) scores, in model order (ties: model order).
+    Shared with OPF's choice of weights to expand."""
+    if count < 1:
+        raise ValueError(f"expected count >= 1, got {count}")
+    ranked = set(sorted(scores, key=scores.get, reverse=largest)[:count])
+    return [n for n in scores if n in ranked]
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -75,6 +78,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 def stable_rank_scores(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """||W||_F^2 / ||W||_2^2 (ops.stable_rank) of the matrix each named module applies (1 <= srank <= rank)."""
     return {n: stable_rank(effective_weight(model.get_submodule(n))) for n in names}
 
 
@@ -239,12 +243,12 @@ class SelectiveFinetuneConfig(FinetuneConfig):
         if self.select == "stable-rank":
             order = self.select_order or DEFAULT_ORDER
             scores = stable_rank_scores(model, names)
-            return select_modules(scores, count, largest=order == "high"), {**record, "order": order,
+            return select_top(scores, count, largest=order == "high"), {**record, "order": order,
                                                                             "scores": scores}
         if ctx is None:
             raise ValueError("expected training data for --select fisher (calibration batches), got none")
         scores = fisher_scores(model, names, calibration_batches(ctx))
-        return select_modules(scores, count, largest=True), {**record, "scores": scores}
+        return select_top(scores, count, largest=True), {**record, "scores": scores}
 
     def train(self, prepared: Prepared, ctx: TrainContext) -> TrainOutcome:
         if self.start == "off":

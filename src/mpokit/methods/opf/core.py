@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from mpokit.layers.mpo import MPOLinear, make_layout
+from mpokit.methods.selection import select_top, stable_rank_scores  # noqa: F401  (OPF's own API names)
 from mpokit.surgery import get_module, set_module
 
 __all__ = ["opf_layout", "expand_linear", "expand_", "contract_", "opf_layers", "fisher_scores",
@@ -90,22 +90,3 @@ def fisher_scores(model: nn.Module, names: list[str], batches: Iterable[dict]) -
     if count == 0:
         raise ValueError("expected at least one batch for Fisher scores, got none")
     return {n: s / count for n, s in sums.items()}
-
-
-@torch.no_grad()
-def stable_rank_scores(model: nn.Module, names: list[str]) -> dict[str, float]:
-    """||W||_F^2 / ||W||_2^2 per named weight (1 <= srank <= rank)."""
-    out = {}
-    for n in names:
-        w = get_module(model, n).weight.detach().float()
-        spec = torch.linalg.matrix_norm(w, ord=2)
-        out[n] = float(torch.linalg.matrix_norm(w) ** 2 / spec ** 2) if spec > 0 else 0.0
-    return out
-
-
-def select_top(scores: dict[str, float], count: int, largest: bool = True) -> list[str]:
-    """The `count` names with the largest (or smallest) scores, in model order."""
-    if count < 1:
-        raise ValueError(f"expected count >= 1, got {count}")
-    ranked = sorted(scores, key=scores.get, reverse=largest)[:count]
-    return [n for n in scores if n in ranked]
