@@ -15,29 +15,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpokit.calibration.stats import GramAccumulator, InputStats
+from mpokit.surgery.offload import input_device, resident
+from mpokit.surgery.targets import find_blocks
 
-__all__ = ["find_blocks", "stream_blocks"]
+__all__ = ["find_blocks", "stream_blocks", "capture_block_inputs", "run_block"]
 
 
 class _StopForward(Exception):
     pass
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of repeated transformer blocks (the one holding most parameters)."""
-    best, best_size = None, 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            size = sum(p.numel() for p in m.parameters())
-            if size > best_size:
-                best, best_size = (name, m), size
-    if best is None:
-        raise ValueError("expected a model with a ModuleList of transformer blocks, found none")
-    return best
-
-
 @torch.no_grad()
-def _capture_first_block_inputs(model, blocks, batches) -> list[tuple[torch.Tensor, dict]]:
+def capture_block_inputs(model, blocks, batches) -> list[tuple[torch.Tensor, dict]]:
     captured = []
 
     def grab(module, args, kwargs):
@@ -45,8 +34,9 @@ def _capture_first_block_inputs(model, blocks, batches) -> list[tuple[torch.Tens
         captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(model.parameters()).device
+    # prepend: stop before a streamed model's own hook would load block 0 just to be interrupted
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    device = input_device(model)
     try:
         for batch in batches:
             try:
@@ -58,9 +48,30 @@ def _capture_first_block_inputs(model, blocks, batches) -> list[tuple[torch.Tens
     return captured
 
 
-def _run_block(block, hidden, kwargs) -> torch.Tensor:
+def run_block(block, hidden, kwargs) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_pass(model, block, local, inputs, ref_inputs, tokens, on_block, i):
+    """One block: its layers' Grams (and reference cross Grams), on_block, and the block's outputs."""
+    acc = GramAccumulator(model, local)
+    outputs, ref_outputs = [], []
+    try:
+        for k, (hidden, kwargs) in enumerate(inputs):
+            if ref_inputs is not None:  # original block on original inputs: record layer inputs
+                acc.new_forward()
+                acc.recording = {}
+                ref_outputs.append(run_block(block, ref_inputs[k][0], kwargs))
+                acc.reference, acc.recording = acc.recording, None
+            acc.new_forward()
+            outputs.append(run_block(block, hidden, kwargs))
+    finally:
+        acc.detach()
+    acc.stats.tokens = tokens
+    if local and on_block(i, local, acc.stats):
+        outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+    return outputs, ref_outputs
 
 
 @torch.no_grad()
@@ -77,7 +88,7 @@ def stream_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor
     Returns the names that lie outside the blocks (the caller handles those another way).
     """
     prefix, blocks = find_blocks(model)
-    inputs = _capture_first_block_inputs(model, blocks, batches)
+    inputs = capture_block_inputs(model, blocks, batches)
     ref_inputs = list(inputs) if reference else None
     tokens = sum(b.numel() for b in batches)
     inside = set()
@@ -85,22 +96,8 @@ def stream_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor
         block_prefix = f"{prefix}.{i}."
         local = [n for n in names if n.startswith(block_prefix)]
         inside.update(local)
-        acc = GramAccumulator(model, local)
-        outputs, ref_outputs = [], []
-        try:
-            for k, (hidden, kwargs) in enumerate(inputs):
-                if ref_inputs is not None:  # original block on original inputs: record layer inputs
-                    acc.new_forward()
-                    acc.recording = {}
-                    ref_outputs.append(_run_block(block, ref_inputs[k][0], kwargs))
-                    acc.reference, acc.recording = acc.recording, None
-                acc.new_forward()
-                outputs.append(_run_block(block, hidden, kwargs))
-        finally:
-            acc.detach()
-        acc.stats.tokens = tokens
-        if local and on_block(i, local, acc.stats):
-            outputs = [_run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+        with resident(model, block):  # a streamed model loads this block now and drops it after
+            outputs, ref_outputs = _block_pass(model, block, local, inputs, ref_inputs, tokens, on_block, i)
         inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
         if ref_inputs is not None:
             ref_inputs = [(out, kwargs) for out, (_, kwargs) in zip(ref_outputs, ref_inputs)]

@@ -18,15 +18,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.calibration.fisher_blocks import blockwise_backward
 from mpokit.ops.whiten import output_factor
+from mpokit.surgery.offload import input_device, offload_of
 from mpokit.surgery.replace import get_module
 
 __all__ = ["collect_output_fisher", "loss_row_weights"]
 
 
 def collect_output_fisher(model: nn.Module, names: list[str], batches: list[torch.Tensor], full_max: int = 0,
-                          progress: bool = True) -> dict[str, torch.Tensor]:
-    """name -> G (out, out) float32 if out <= full_max, else diag(G) (out,); summed over tokens."""
+                          progress: bool = True, blockwise: bool | None = None) -> dict[str, torch.Tensor]:
+    """name -> G (out, out) float32 if out <= full_max, else diag(G) (out,); summed over tokens.
+
+    blockwise: back-propagate one block at a time (fisher_blocks.py); default: when the model is
+    block-streamed (surgery/offload.py), whose weights are never all in memory."""
+    blockwise = offload_of(model) is not None if blockwise is None else blockwise
     fisher: dict[str, torch.Tensor] = {}
 
     def on_output(name):
@@ -44,18 +50,22 @@ def collect_output_fisher(model: nn.Module, names: list[str], batches: list[torc
 
     flags = {p: p.requires_grad for p in model.parameters()}
     hooks = [get_module(model, n).register_forward_hook(on_output(n)) for n in names]
-    hooks.append(model.get_input_embeddings().register_forward_hook(needs_grad))
-    device = next(model.parameters()).device
+    if not blockwise:
+        hooks.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+    device = input_device(model)
     was_training = model.training
     try:
         model.eval()
         for p in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
-            for batch in tqdm(batches, desc="sensitivity", disable=not progress):
-                batch = batch.to(device)
-                out = model(input_ids=batch, labels=batch, use_cache=False)
-                (out.loss * batch.numel()).backward()  # summed, like the input Grams
+        if blockwise:
+            blockwise_backward(model, batches, progress)
+        else:
+            with torch.enable_grad():
+                for batch in tqdm(batches, desc="sensitivity", disable=not progress):
+                    batch = batch.to(device)
+                    out = model(input_ids=batch, labels=batch, use_cache=False)
+                    (out.loss * batch.numel()).backward()  # summed, like the input Grams
     finally:
         for h in hooks:
             h.remove()

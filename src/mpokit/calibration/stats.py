@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mpokit.data import Calibration, load_corpus, tokenize_prefix
+from mpokit.surgery.offload import input_device
 from mpokit.surgery.replace import get_module
 
 __all__ = ["InputStats", "GramAccumulator", "collect_input_stats", "calibration_batches", "resolve_calibration"]
@@ -169,7 +170,7 @@ def collect_input_stats(model: nn.Module, names: list[str], batches: list[torch.
     Holds every layer's Gram at once; `calibration.blocks.stream_blocks` avoids that.
     """
     acc = GramAccumulator(model, names)
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for batch in tqdm(batches, desc="calibration", disable=not progress):
             acc.new_forward()

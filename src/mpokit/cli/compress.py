@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     add_device_flag(p, "where the model is put for compression: calibration and factorizations run there; the "
                        "checkpoint is written from CPU tensors either way")
     add_method_flags(p, "compress")  # each method's own options, declared on its config
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model before compressing (default: methods that can read one decoder block "
+                        "at a time do so, from a safetensors folder or the embedded model, and hold one block)")
     p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
     p.add_argument("--max-shard-size", default="2GB",
@@ -39,6 +42,7 @@ def run(args) -> int:
     from mpokit.io.checkpoint import check_save_path, save_compressed, shard_size
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
+    from mpokit.surgery.offload import detach_offload
 
     if args.targets is not None and args.targets_regex is not None:
         raise ValueError("expected at most one of --targets and --targets-regex")
@@ -54,17 +58,21 @@ def run(args) -> int:
     device = resolve_device(args.device)
     import torch
 
-    loaded = load_model(args.model, dtype=getattr(torch, args.dtype))
+    stream = config.streamable and not args.no_stream
+    loaded = load_model(args.model, dtype=getattr(torch, args.dtype), stream=stream, device=device)
     model_mb = param_bytes(loaded.model) / 2**20  # the source model as loaded (before compression)
-    loaded.model.to(device)
+    if not loaded.streamed:  # a streamed model is built on `device` block by block
+        loaded.model.to(device)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
     report = compress_(loaded.model, config, **kwargs)
+    detach_offload(loaded.model)  # a streamed model: the weights no block pass replaced are read now
     seconds = time.perf_counter() - start
     loaded.model.to("cpu")
     peak = peak_rss_mb()  # load + compression (the save below streams tensors already in memory)
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
-           "seconds": seconds, "device": str(device), "calibration": calibration.name if calibration else None,
+           "seconds": seconds, "device": str(device), "streamed": loaded.streamed,
+           "calibration": calibration.name if calibration else None,
            "peak_rss_mb": peak, "model_mb": model_mb, "peak_rss_x_model": peak / model_mb if peak else None}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
                     overwrite=args.overwrite, protect=[args.model, loaded.path], max_shard_size=args.max_shard_size)
@@ -80,6 +88,6 @@ def run(args) -> int:
     columns = ["model", "method", "layers", "params_before", "params_after", "kept", "mean_rel_error", "bytes_after",
                "bits_per_weight", "seconds", "peak_rss_mb"]
     print_table([row], [c for c in columns if row[c] is not None], title=f"saved to {args.out}")
-    emit_json(args.json, out)
+    emit_json(args.json, {**out, "peak_rss_with_save_mb": peak_rss_mb()})
     emit_report(args, [args.out])
     return 0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mpokit.data.corpus import Corpus, load_corpus, tokenize_prefix  # re-exported: callers import them here too
+from mpokit.surgery.offload import input_device
 
 __all__ = ["Corpus", "load_corpus", "perplexity", "PerplexityResult", "tokenize_prefix", "max_positions",
            "check_positions"]
@@ -83,7 +84,7 @@ def perplexity(model, tokenizer, text: str, tokens: int = 8192, context: int = 5
         raise ValueError(f"expected a text of at least 2 tokens, got {ids.numel()}")
     windows = [ids[i:i + context] for i in range(0, ids.numel(), context)]
     windows = [w for w in windows if w.numel() >= 2]
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, scored, start = 0.0, 0, time.perf_counter()
     counts = {"chunks": 0, "cache_reads": 0}
     model.eval()

@@ -23,7 +23,12 @@ def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
     io.checkpoint uses to store shared tensors under one name."""
     out, seen = [], set()
     for t in model.state_dict(keep_vars=True).values():
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        if not t.numel():
+            key = None
+        elif t.is_meta:  # a block-streamed model's weights still in their file: no address, tied ones are one object
+            key = id(t)
+        else:
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if key is not None and key in seen:
             continue
         if key is not None:

@@ -38,6 +38,7 @@ from mpokit.io.aligned_read import read_tensors
 from mpokit.io.validate import (DTYPES, CheckpointError, architecture_class, check_aliases, check_layer_fits,
                                 check_meta_types, check_tie, dtype_of, tied_attr)
 from mpokit.layers import LAYERS, layer_modules, register_layer
+from mpokit.surgery.offload import materialize_all_
 from mpokit.surgery.replace import get_module, set_module
 from mpokit.version import __version__
 
@@ -111,6 +112,7 @@ def save_compressed(model: nn.Module, path: str | Path, tokenizer=None, extra: d
     """
     from huggingface_hub import save_torch_state_dict
 
+    materialize_all_(model)  # a block-streamed model: what is still in its source file is read now
     size = shard_size(max_shard_size)
     path = Path(path)
     plain = _is_plain(model)

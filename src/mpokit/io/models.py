@@ -46,6 +46,7 @@ class LoadedModel:
     tokenizer: object
     source: str  # what was loaded, for reports
     path: Path | None = None  # the local folder read (None for a hub id): what an output must never replace
+    streamed: bool = False  # blocks stay in their file until used (io/lazy.py)
 
 
 def _package_file(package: str, suffix: str, how: str) -> Path:
@@ -236,12 +237,18 @@ def _tokenizer(where, spec: str, **kwargs):
 
 
 def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load by alias ("smollm2", "minilm"), mpokit checkpoint, .gguf file, HF folder or hub name."""
+               dtype: torch.dtype = torch.float32, stream: bool = False,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load by alias ("smollm2", "minilm"), mpokit checkpoint, .gguf file, HF folder or hub name.
+
+    stream=True: a causal LM in a local safetensors folder (the embedded default included) is built on
+    the meta device with only its non-block weights read, onto `device`; each decoder block is read
+    when a compression pass reaches it (io/lazy.py). Other sources load whole (`streamed` says which)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from mpokit.io.atomic import recover
     from mpokit.io.checkpoint import CheckpointError, is_checkpoint, load_compressed
+    from mpokit.io.lazy import can_stream, load_streamed
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     hub_kwargs: dict = {}
@@ -271,6 +278,9 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
         else:
             hint = "" if "/" in text else "; a Hugging Face hub id has the form org/name"
             raise MissingModelError(f"no such model folder: {spec} (missing model path{hint})")
+    if stream and task == "causal-lm" and isinstance(path, Path) and can_stream(path):
+        model = load_streamed(path, auto, dtype, device)
+        return LoadedModel(model, _tokenizer(path, source), source, path, streamed=True)
     kwargs = {"num_labels": 2} if task != "causal-lm" else {}
     try:
         model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **hub_kwargs)

@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
+from mpokit.surgery.offload import offload_of
+
 __all__ = ["MethodConfig", "LayerRecord", "Report", "register", "compress_", "config_from_dict", "REGISTRY",
            "METHODS", "method_names", "get_method", "applied_methods", "option", "cli_options"]
 
@@ -34,6 +36,9 @@ class MethodConfig:
 
     method: ClassVar[str] = "base"
     kind: ClassVar[str] = "compress"
+    # True where the handler reads weights only block by block (calibration.stream_blocks, surgery.offload
+    # .resident), so it runs on a block-streamed model (io/lazy.py) holding one block in memory
+    streamable: ClassVar[bool] = False
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
 
@@ -174,6 +179,9 @@ def compress_(model: nn.Module, config: MethodConfig, **kwargs) -> Report:
     if handler is None:
         raise TypeError(f"expected a registered method config, got {type(config).__name__} "
                         f"(registered: {[t.__name__ for t in REGISTRY]})")
+    if offload_of(model) is not None and not config.streamable:
+        raise ValueError(f"method {config.method!r} reads the whole model at once and cannot run on a block-streamed "
+                         "model; load it whole (mpokit compress --no-stream)")
     report = handler(model, config, **kwargs)
     model._mpokit_methods = applied_methods(model) + [config.to_dict()]
     return report

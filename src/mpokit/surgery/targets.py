@@ -12,7 +12,7 @@ from typing import Iterable
 
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "default_targets", "find_targets", "is_weight_layer", "weight_matrix"]
+__all__ = ["DEFAULT_TARGETS", "default_targets", "find_targets", "is_weight_layer", "weight_matrix", "find_blocks"]
 
 # Decoder / encoder linear layers per architecture (embeddings are opt-in).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -102,3 +102,16 @@ def find_targets(
     if not chosen:
         raise ValueError(f"expected target_modules to match at least one layer, got none for {targets!r}")
     return chosen
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of repeated transformer blocks (the one holding most parameters)."""
+    best, best_size = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            size = sum(p.numel() for p in m.parameters())
+            if size > best_size:
+                best, best_size = (name, m), size
+    if best is None:
+        raise ValueError("expected a model with a ModuleList of transformer blocks, found none")
+    return best

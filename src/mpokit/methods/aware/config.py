@@ -53,6 +53,7 @@ class AwareConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mpo"  # the default: each layer a 2-core MPO (low rank) or dense
+    streamable: ClassVar[bool] = True  # weights read block by block (and layer by layer without calibration)
     budget: float = option(0.8, "fraction of targeted parameters to keep, in (0,1]", type=float)
     scaling: str = "whiten"
     sensitivity: str = "fisher"

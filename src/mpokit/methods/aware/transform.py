@@ -24,6 +24,7 @@ from mpokit.methods.aware.refine import mpo_candidate
 from mpokit.methods.base import LayerRecord, Report, register
 from mpokit.methods.mpo.transform import tie_to
 from mpokit.ops.whiten import apply_left, scaled_svd, whitened_svd, whitening_factor
+from mpokit.surgery.offload import resident
 from mpokit.surgery.replace import get_module, set_module, shared_outside, tied_groups
 from mpokit.surgery.targets import find_targets, weight_matrix
 
@@ -90,6 +91,13 @@ def _stream(model, names, batches, on_block, progress, desc, reference: bool = F
     outside = stream_blocks(model, names, batches, on_block, progress=progress, desc=desc, reference=reference)
     if outside:
         on_block(-1, outside, collect_input_stats(model, outside, batches, progress=progress))
+
+
+def _layer_by_layer(model, names, on_block) -> None:
+    """Without calibration: on_block(None, [name], None) for each layer, loaded while it runs (streamed models)."""
+    for n in names:
+        with resident(model, get_module(model, n)):
+            on_block(None, [n], None)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -161,7 +169,7 @@ def _allocate_ranks(model, config: AwareConfig, names: list[str], batches, lefts
     elif batches is not None:
         _stream(model, names, batches, record_spectra, progress, "spectra")
     else:
-        record_spectra(None, names, None)
+        _layer_by_layer(model, names, record_spectra)
     if config.allocation == "global":
         return allocate_global(spectra, config.budget, normalize=config.error_norm == "relative")
     return allocate_uniform(spectra, config.budget)
@@ -265,5 +273,5 @@ def aware_compress_(model: nn.Module, config: AwareConfig, tokenizer=None, calib
         _stream(model, names, batches, compress_block, progress, "compress",
                 reference=config.correct and config.scaling == "whiten")
     else:
-        compress_block(None, names, None)
+        _layer_by_layer(model, names, compress_block)
     return compress_block.finish(batches)

@@ -44,6 +44,7 @@ class MixedConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mixed"
+    streamable: ClassVar[bool] = True  # candidates and build stream blocks; the gradient pass runs block by block
     bits_per_weight: float = option(4.0, "byte budget of the decoder linear layers, in bits per weight",
                                     type=float)
     target_bytes: int | None = option(None, "byte budget of the decoder linear layers (instead of "

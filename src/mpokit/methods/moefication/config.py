@@ -54,6 +54,9 @@ class MoEficationConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "moefication"
+    # FFN inputs come from whole-model forwards (a streamed model runs them a block at a time), then one
+    # FFN is loaded at a time; the inputs of every FFN are held (T x d floats each), as in memory
+    streamable: ClassVar[bool] = True
     num_experts: int = option(32, "experts per FFN", flag="--experts", type=int)
     top_k: int | None = option(None, "experts computed per token", type=int)
     shared_experts: int = option(0, "experts' worth of top neurons every token computes", type=int)

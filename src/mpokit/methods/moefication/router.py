@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from mpokit.layers.moe import MoEFFN
 from mpokit.surgery.ffn import FFNSite
+from mpokit.surgery.offload import input_device
 from mpokit.surgery.replace import get_module
 
 __all__ = ["collect_ffn_inputs", "expert_targets", "fit_router", "routing_quality"]
@@ -27,7 +28,7 @@ def collect_ffn_inputs(model: nn.Module, sites: list[FFNSite], batches: list[tor
             x = args[0]
             store[name].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
         hooks.append(get_module(model, site.module_name).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for ids in tqdm(batches, desc="moefication: calibration", disable=not progress):
             model(input_ids=ids.to(device))

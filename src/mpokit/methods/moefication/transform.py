@@ -14,6 +14,8 @@ from mpokit.methods.moefication.config import MoEficationConfig
 from mpokit.methods.moefication.refit import refit_output_
 from mpokit.methods.moefication.router import collect_ffn_inputs, fit_router
 from mpokit.surgery.ffn import find_ffns, install_ffn, read_ffn
+from mpokit.surgery.offload import resident
+from mpokit.surgery.replace import get_module
 
 __all__ = ["moefy_", "set_top_k_", "moe_layers"]
 
@@ -38,28 +40,8 @@ def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrat
     tokens = next(iter(inputs.values())).shape[0]
     report = Report(method=config.method)
     for i, site in enumerate(tqdm(sites, desc="moefication: experts", disable=not progress)):
-        dense = read_ffn(model, site)
-        x = inputs.pop(site.module_name)  # (T, d) float32
-        hidden = None
-        if config.cluster_features == "activations" or config.shared_experts:
-            with torch.no_grad():
-                hidden = dense.hidden_states(x[:CLUSTER_TOKENS].to(dense.up.device, dense.up.dtype))
-        labels = assign_experts(dense, hidden, config, seed=config.seed + i)
-        with torch.random.fork_rng(devices=[]):  # the router's initial weights: from the seed, not the global RNG
-            torch.manual_seed(config.seed + i)
-            moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode,
-                                    config.shared_experts)
-        quality = fit_router(moe, x, config.router_steps, config.router_lr, config.router_batch, seed=config.seed + i)
-        if config.refit:
-            quality.update(refit_output_(moe, x, config.refit_ridge))
-        install_ffn(model, site, moe)
-        report.layers.append(LayerRecord(
-            name=site.module_name, kind="moe", shape=(dense.neurons, dense.hidden), params_before=dense.numel(),
-            params_after=sum(p.numel() for p in moe.parameters()),
-            detail={"experts": moe.num_experts, "expert_size": moe.expert_size, "top_k": moe.top_k,
-                    "active_params": moe.active_params(), "router_recall": quality["recall"],
-                    "router_mass": quality["mass"], "router_loss": quality["loss"],
-                    **{k: v for k, v in quality.items() if k.startswith("rel_error")}}))
+        with resident(model, get_module(model, site.module_name)):  # a streamed model loads one FFN at a time
+            report.layers.append(_moefy_site(model, site, inputs.pop(site.module_name), config, i))
     active = sum(r.detail["active_params"] for r in report.layers)
     report.extra.update({
         "experts": config.num_experts, "shared_experts": config.shared_experts, "top_k": config.top_k,
@@ -69,6 +51,31 @@ def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrat
         "calibration_tokens": tokens,
     })
     return report
+
+
+def _moefy_site(model: nn.Module, site, x: torch.Tensor, config: MoEficationConfig, i: int) -> LayerRecord:
+    """One FFN -> MoEFFN from its calibration inputs x (T, d), installed in place; its report row."""
+    dense = read_ffn(model, site)
+    hidden = None
+    if config.cluster_features == "activations" or config.shared_experts:
+        with torch.no_grad():
+            hidden = dense.hidden_states(x[:CLUSTER_TOKENS].to(dense.up.device, dense.up.dtype))
+    labels = assign_experts(dense, hidden, config, seed=config.seed + i)
+    with torch.random.fork_rng(devices=[]):  # the router's initial weights: from the seed, not the global RNG
+        torch.manual_seed(config.seed + i)
+        moe = MoEFFN.from_dense(dense, labels, config.top_k, config.router_hidden, site.kind, config.forward_mode,
+                                config.shared_experts)
+    quality = fit_router(moe, x, config.router_steps, config.router_lr, config.router_batch, seed=config.seed + i)
+    if config.refit:
+        quality.update(refit_output_(moe, x, config.refit_ridge))
+    install_ffn(model, site, moe)
+    return LayerRecord(
+        name=site.module_name, kind="moe", shape=(dense.neurons, dense.hidden), params_before=dense.numel(),
+        params_after=sum(p.numel() for p in moe.parameters()),
+        detail={"experts": moe.num_experts, "expert_size": moe.expert_size, "top_k": moe.top_k,
+                "active_params": moe.active_params(), "router_recall": quality["recall"],
+                "router_mass": quality["mass"], "router_loss": quality["loss"],
+                **{k: v for k, v in quality.items() if k.startswith("rel_error")}})
 
 
 def assign_experts(dense, hidden: torch.Tensor | None, config: MoEficationConfig, seed: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ class QuantConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "quant"
+    streamable: ClassVar[bool] = True  # GPTQ streams blocks; RTN loads one layer at a time
     bits: int = option(4, "weight bits: 2, 3, 4 or 8", type=int)
     group_size: int = option(128, "columns per quantization group", type=int)
     symmetric: bool = False
@@ -74,7 +75,7 @@ class QuantConfig(MethodConfig):
     algorithm: str = "rtn"
     damp: float = 0.01
     act_order: bool = False
-    calibration_tokens: int = 8192
+    calibration_tokens: int = option(8192, "calibration tokens", type=int)
     calibration_context: int = 128
     embeddings: int | None = option(None, "bits of the input embedding and lm_head (8 or 4; default: float)",
                                     type=int)

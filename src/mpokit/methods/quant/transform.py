@@ -22,6 +22,7 @@ from mpokit.calibration.stats import collect_input_stats, resolve_calibration
 from mpokit.data import Calibration, as_calibration
 from mpokit.ops.gptq import gptq_quantize, output_error
 from mpokit.ops.quant import DEFAULT_CLIP_RATIOS, fake_quantize, sqnr_db
+from mpokit.surgery.offload import resident
 from mpokit.surgery.replace import get_module, set_module, shared_outside
 from mpokit.surgery.targets import find_targets, weight_matrix
 
@@ -192,5 +193,6 @@ def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calib
         _gptq_compress(model, names, config, recorder, batches, progress)
         return recorder.finish(calibration_tokens=sum(b.numel() for b in batches))
     for name in tqdm(names, desc=f"quant: int{config.bits}", disable=not progress):
-        recorder.replace(name, lambda m: quantize_module(m, config))
+        with resident(model, get_module(model, name)):  # a streamed model loads one layer at a time
+            recorder.replace(name, lambda m: quantize_module(m, config))
     return recorder.finish()
