@@ -600,3 +600,19 @@ def test_hub_unreachable_fails_fast_with_one_request(tmp_path, monkeypatch):
     with pytest.raises(MissingModelError, match="could not be fetched .*HF_HUB_OFFLINE=1"):
         load_model("mpokit-no-such-org/no-such-model")
     assert time.perf_counter() - start < 2 and calls == [5.0]  # one request, short timeout, no retries
+
+
+def test_a_reinstalled_gguf_leaves_one_cache_copy_not_one_per_install(tmp_path):
+    from mpokit.io.models import prune_stale_entries
+
+    def entry(name):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        return tmp_path / name
+
+    old, new = entry("SmolLM2.Q4_1-98362432-1700000000"), entry("SmolLM2.Q4_1-98362432-1800000000")
+    other_size, other_file = entry("SmolLM2.Q4_1-12345-1700000000"), entry("Other.Q4_1-98362432-1700000000")
+    (tmp_path / "SmolLM2.Q4_1-98362432-notes").mkdir()  # not one of ours: left alone
+    assert prune_stale_entries(new) == [old]
+    assert not old.exists() and new.exists() and other_size.exists() and other_file.exists()
+    assert (tmp_path / "SmolLM2.Q4_1-98362432-notes").exists()
