@@ -41,14 +41,19 @@ def _inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
     h[dead, dead] = 1.0
     lam = damp * torch.diagonal(h).mean()
     h.diagonal().add_(lam)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean, added = torch.diagonal(h).mean(), 0.0
+    # Damping goes onto the diagonal in place and each intermediate is freed at once: at 8192 inputs every
+    # (cols, cols) float64 matrix is 0.5 GB, and an identity plus a damped copy cost 1 GB more per layer.
     for extra in (0.0, 1e-6, 1e-4, 1e-2):  # grow the damping if H is numerically indefinite
+        if extra:
+            h.diagonal().add_((extra - added) * mean)
+            added = extra
         try:
-            chol = torch.linalg.cholesky(h + extra * torch.diagonal(h).mean() * eye)
-            inv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(inv, upper=True)
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
         except RuntimeError:
             continue
+        del h
+        return torch.linalg.cholesky(inv, upper=True)
     raise ValueError("expected a positive semi-definite input Gram matrix, Cholesky failed even with damping")
 
 
@@ -59,7 +64,7 @@ def walk_factor(gram: torch.Tensor, damp: float = 0.01, act_order: bool = False)
     compute it once and pass it to gptq_quantize(factor=...)."""
     cols = gram.shape[0]
     perm = torch.argsort(torch.diagonal(gram), descending=True) if act_order else torch.arange(cols, device=gram.device)
-    return perm, _inverse_cholesky(gram[perm][:, perm], damp)
+    return perm, _inverse_cholesky(gram[perm][:, perm] if act_order else gram, damp)  # no permuted copies unless needed
 
 
 @torch.no_grad()
