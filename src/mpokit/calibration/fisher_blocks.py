@@ -51,7 +51,7 @@ def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor,
     leaf = last.detach().requires_grad_()
     replays[-1].value = leaf
     n, length = batch.shape
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size  # not the head's .weight: a quantized head would dequantize the whole table
     step = max(1, LOGITS_BYTES // (4 * n * vocab))
     chunked = "logits_to_keep" in inspect.signature(model.forward).parameters
     scale = batch.numel() / (n * (length - 1))  # as fisher.py: the mean loss times the token count

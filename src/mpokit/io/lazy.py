@@ -74,14 +74,19 @@ def load_streamed(path: str | Path, auto_class, dtype: torch.dtype = torch.float
     return model
 
 
-def _untie_differing(model: nn.Module, source: SafetensorsSource) -> None:
-    """A config that ties lm_head to the embedding, with a file holding both, different: untie them, as
-    transformers' from_pretrained does (else the head would silently be the embedding)."""
+def _names_by_parameter(model: nn.Module) -> list[list[str]]:
+    """Every name of each parameter (a tied one has several; a file holds one of them)."""
     names_of: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(n)
+    return list(names_of.values())
+
+
+def _untie_differing(model: nn.Module, source: SafetensorsSource) -> None:
+    """A config that ties lm_head to the embedding, with a file holding both, different: untie them, as
+    transformers' from_pretrained does (else the head would silently be the embedding)."""
     held = source.keys()
-    for names in names_of.values():
+    for names in _names_by_parameter(model):
         stored = [n for n in names if n in held]
         if len(stored) < 2:
             continue
@@ -98,12 +103,9 @@ def _check_keys(model: nn.Module, source: SafetensorsSource, path) -> None:
     """As load_model does for a whole load: every parameter from the file, nothing left over."""
     from mpokit.io.validate import CheckpointError
 
-    names_of: dict[int, list[str]] = {}  # a tied parameter has several names; the file holds one of them
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(n)
-    held = source.keys()
-    missing = sorted(v[0] for v in names_of.values() if not held.intersection(v))
-    unexpected = sorted(held - {n for v in names_of.values() for n in v} - {n for n, _ in model.named_buffers()})
+    groups, held = _names_by_parameter(model), source.keys()
+    missing = sorted(v[0] for v in groups if not held.intersection(v))
+    unexpected = sorted(held - {n for v in groups for n in v} - {n for n, _ in model.named_buffers()})
     if missing or unexpected:
         what = "; ".join(f"{len(v)} {w} ({', '.join(v[:3])})" for w, v in (("missing", missing),
                                                                           ("unexpected", unexpected)) if v)
@@ -112,9 +114,10 @@ def _check_keys(model: nn.Module, source: SafetensorsSource, path) -> None:
 
 
 def _load_buffers(model: nn.Module, source: SafetensorsSource, device) -> None:
-    """Persistent buffers the checkpoint holds (most models have none; rotary tables are computed)."""
-    names = [n for n, _ in model.named_buffers() if n in source.file_of]
-    for name, value in source.read(names).items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        module._buffers[attr] = value.to(device, module._buffers[attr].dtype)
+    """Buffers onto `device`: computed ones (rotary tables) as built, persistent ones the checkpoint holds from it."""
+    stored = source.read([n for n, _ in model.named_buffers() if n in source.file_of])
+    for module_name, module in model.named_modules():
+        for attr, value in module._buffers.items():
+            if value is not None:
+                name = f"{module_name}.{attr}" if module_name else attr
+                module._buffers[attr] = stored.get(name, value).to(device, value.dtype)

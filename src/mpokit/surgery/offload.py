@@ -48,7 +48,9 @@ class Offload:
 
     def __init__(self, model: nn.Module, source: WeightSource, blocks: nn.ModuleList, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
-        self.model, self.source, self.blocks = model, source, blocks
+        # weak: the registry maps model -> Offload, and a strong reference back would keep both alive forever
+        self._model = weakref.ref(model)
+        self.source, self.blocks = source, blocks
         self.dtype, self.device = dtype, torch.device(device)
         available = source.keys()
         self.key_of: dict[int, str] = {}  # id(param) -> its checkpoint key (first tied name found there)
@@ -94,13 +96,13 @@ class Offload:
         _return_freed_memory()
 
     def materialize_all(self) -> None:
-        self.materialize(self.model)
+        self.materialize(self._model())
 
     def detach(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        _OFFLOADS.pop(self.model, None)
+        _OFFLOADS.pop(self._model(), None)
 
     def _before(self, module, args):
         self.materialize(module)
