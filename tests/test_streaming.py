@@ -125,7 +125,8 @@ def test_a_tied_config_with_differing_head_in_the_file_is_untied_as_transformers
         assert torch.equal(streamed(x).logits, whole(x).logits)
 
 
-def test_cli_compress_streams_by_default_and_gives_the_whole_load_result(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_compress_streams_by_default_and_gives_the_whole_load_result(tmp_path, dtype):
     from test_cli import save_model_and_text
 
     from mpokit.cli.main import main
@@ -133,7 +134,7 @@ def test_cli_compress_streams_by_default_and_gives_the_whole_load_result(tmp_pat
 
     save_model_and_text(tmp_path, 800)
     common = ["compress", "--model", str(tmp_path / "hf"), "--method", "gptq", "--bits", "4",
-              "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "512"]
+              "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "512", "--dtype", dtype]
     for mode, extra in (("stream", []), ("whole", ["--no-stream"])):
         assert main([*common, *extra, "--out", str(tmp_path / mode), "--json", str(tmp_path / f"{mode}.json")]) == 0
     reports = {m: json.loads((tmp_path / f"{m}.json").read_text()) for m in ("stream", "whole")}
