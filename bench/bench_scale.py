@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,9 +102,8 @@ def fit_exponent(points: list[tuple[float, float]]) -> float | None:
     """Slope of log(y) against log(x) (least squares): y ~ x^slope."""
     if len(points) < 2:
         return None
-    xs, ys = [math.log(x) for x, _ in points], [math.log(y) for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    xs, ys = zip(*points)
+    return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
 def main() -> None:

@@ -43,34 +43,38 @@ class _Replay(nn.Module):
         return (out,) if self.as_tuple else out
 
 
-def _head_gradient(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor, last: torch.Tensor,
-                   as_tuple: bool) -> torch.Tensor:
-    """d(summed LM loss)/d(last block's output), with logits computed a few positions at a time."""
+def _head_gradients(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], lasts: list[torch.Tensor],
+                    as_tuple: bool) -> list[torch.Tensor]:
+    """d(summed LM loss)/d(last block's output) for each batch, with logits computed a few positions at a time
+    while stand-ins replace the blocks."""
     originals = list(blocks)
     replays = [_Replay(b, as_tuple) for b in originals]
-    leaf = last.detach().requires_grad_()
-    replays[-1].value = leaf
-    n, length = batch.shape
     vocab = model.config.vocab_size  # not the head's .weight: a quantized head would dequantize the whole table
-    step = max(1, LOGITS_BYTES // (4 * n * vocab))
     chunked = "logits_to_keep" in inspect.signature(model.forward).parameters
-    scale = batch.numel() / (n * (length - 1))  # as fisher.py: the mean loss times the token count
+    grads = []
     try:
         for i, r in enumerate(replays):
             blocks[i] = r
-        for start in range(0, length - 1, step if chunked else length):
-            positions = torch.arange(start, min(start + step, length - 1) if chunked else length - 1,
-                                     device=batch.device)
-            kw = {"logits_to_keep": positions} if chunked else {}
-            logits = model(input_ids=batch, use_cache=False, **kw).logits
-            if not chunked:
-                logits = logits[:, positions]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, positions + 1].flatten(), reduction="sum")
-            (loss * scale).backward()
+        for batch, last in zip(batches, lasts):
+            leaf = last.detach().requires_grad_()
+            replays[-1].value = leaf
+            n, length = batch.shape
+            step = max(1, LOGITS_BYTES // (4 * n * vocab)) if chunked else length
+            scale = batch.numel() / (n * (length - 1))  # as fisher.py: the mean loss times the token count
+            for start in range(0, length - 1, step):
+                positions = torch.arange(start, min(start + step, length - 1), device=batch.device)
+                kw = {"logits_to_keep": positions} if chunked else {}
+                logits = model(input_ids=batch, use_cache=False, **kw).logits
+                if not chunked:
+                    logits = logits[:, positions]
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, positions + 1].flatten(),
+                                       reduction="sum")
+                (loss * scale).backward()
+            grads.append(leaf.grad)
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
-    return leaf.grad
+    return grads
 
 
 def blockwise_backward(model: nn.Module, batches: list[torch.Tensor], progress: bool = True) -> None:
@@ -90,7 +94,7 @@ def blockwise_backward(model: nn.Module, batches: list[torch.Tensor], progress: 
             inputs = [(o[0] if as_tuple else o, kw) for o, (_, kw) in zip(outs, inputs)]
     device = inputs[0][0].device
     with torch.enable_grad():
-        grads = [_head_gradient(model, blocks, b.to(device), h, as_tuple) for b, (h, _) in zip(batches, inputs)]
+        grads = _head_gradients(model, blocks, [b.to(device) for b in batches], [h for h, _ in inputs], as_tuple)
         for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="sensitivity: backward",
                       disable=not progress):
             with resident(model, blocks[i]):

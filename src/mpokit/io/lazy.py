@@ -36,13 +36,10 @@ class SafetensorsSource:
         return set(self.file_of)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        by_file: dict[int, list[str]] = {}
+        by_file: dict[SafetensorsFile, list[str]] = {}
         for k in keys:
-            by_file.setdefault(id(self.file_of[k]), []).append(k)
-        out: dict[str, torch.Tensor] = {}
-        for names in by_file.values():
-            out.update(self.file_of[names[0]].read(names))
-        return out
+            by_file.setdefault(self.file_of[k], []).append(k)
+        return {name: t for f, names in by_file.items() for name, t in f.read(names).items()}
 
 
 def can_stream(path: str | Path) -> bool:
