@@ -1,12 +1,13 @@
 """Recovery after compression, in and out of domain: each recipe for the same minutes, with a dense control.
 
 One process measures the dense model, the compressed checkpoint as it is, and each recipe after --minutes
-of wall-clock tuning on --data (default WikiText-2 *valid*; `mix` = WikiText-2 valid + Python docs + SST-2
-sentences). Every row is scored on two texts: WikiText-2 *test* (in domain for the default --data) and an
-out-of-domain English text, the offline Python-docs corpus (pydoc_data.topics, its first half, which the
-`mix` never holds); first --tokens tokens of each, windows of --context. Ratios are against dense, same run.
-The checkpoint is made once if missing (`mpokit compress --budget B --calibration WikiText-2 valid`,
-mpokit's default method: the README main job's checkpoint) and reused.
+of wall-clock tuning on --data (default `mix`, finetune's default: WikiText-2 valid + the second half of the
+pydoc corpus + SST-2 train sentences; or a file). Every row is scored on three texts, none tuned on:
+WikiText-2 *test* (near the mix's WikiText-2 valid), the pydoc corpus's first half (near the mix's docs,
+never in it) and the licence texts (legal English, near nothing in the mix: the clean out-of-domain check);
+first --tokens tokens of each, windows of --context. Ratios are against dense, same run. The checkpoint is
+made once if missing (`mpokit compress --budget B --calibration WikiText-2 valid`, mpokit's default method:
+the README main job's checkpoint) and reused.
 
 Recipes (--recipes, comma list; each stops at --minutes, its cosine schedule spans --max-steps):
   recover-lm       every MPO core, LM loss on --data (`recover` before issue 18)
@@ -47,12 +48,18 @@ RECIPES = {
 
 
 def _texts():
-    from mpokit.data.corpus import pydoc_first_half
+    """{key: (text, name)}: WikiText-2 test, then finetune's default out-of-domain texts (pydoc first half as
+    "ood", the licence texts as "licenses"), so the bench's rows and finetune's figures read the same texts."""
+    from mpokit.data.corpus import default_ood_corpora
     from mpokit.train.data import shared_data_dir
 
     test = shared_data_dir() / "wikitext-2" / "test.txt"
-    ood = pydoc_first_half()
-    return {"wikitext": (test.read_text(encoding="utf-8"), f"WikiText-2 test ({test})"), "ood": (ood.text, ood.name)}
+    ood = default_ood_corpora()
+    if len(ood) < 2:
+        raise SystemExit(f"expected the licence texts in /usr/share/common-licenses for the third text, got only "
+                         f"{ood[0].name}")
+    return {"wikitext": (test.read_text(encoding="utf-8"), f"WikiText-2 test ({test})"),
+            "ood": (ood[0].text, ood[0].name), "licenses": (ood[1].text, ood[1].name)}
 
 
 def _score(spec, texts, args) -> dict:
@@ -85,7 +92,7 @@ def _tune(recipe: str, ckpt: Path, texts, args) -> dict:
     from mpokit.train.recipes import FinetuneOptions, finetune
 
     which, method, options, lr = RECIPES[recipe]
-    data = args.data if args.data == "mix" else str(Path(args.data or shared_data_dir() / "wikitext-2" / "valid.txt"))
+    data = args.data if args.data == "mix" else str(Path(args.data))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         r = finetune(FinetuneOptions(
@@ -95,9 +102,11 @@ def _tune(recipe: str, ckpt: Path, texts, args) -> dict:
             lr=args.lr or lr, scheduler="cosine", warmup_steps=args.warmup_steps, eval_tokens=args.tokens,
             context=args.context, max_minutes=args.minutes))
         wall = time.perf_counter() - t0
-    if r["ood"]["text"] != texts["ood"][1]:
-        raise RuntimeError(f"expected finetune's out-of-domain text to be {texts['ood'][1]}, got {r['ood']['text']}")
-    return {"recipe": recipe, "wikitext": r["perplexity"], "ood": r["ood"]["perplexity"], "lr": r["lr"],
+    ood = {e["text"]: e["perplexity"] for e in r["ood"]}
+    if sorted(ood) != sorted([texts["ood"][1], texts["licenses"][1]]):
+        raise RuntimeError(f"expected finetune's out-of-domain texts to be the bench's, got {sorted(ood)}")
+    return {"recipe": recipe, "wikitext": r["perplexity"], "ood": ood[texts["ood"][1]],
+            "licenses": ood[texts["licenses"][1]], "lr": r["lr"],
             "global_step": r["global_step"], "stopped_by_time": r["stopped_by_time"], "tokens_seen": r["tokens_seen"],
             "train_minutes": r["train_seconds"] / 60, "wall_seconds": wall, "trainable_params": r["trainable_params"],
             "params": r["params"], "teacher": r.get("teacher"), "train_loss": r["train_loss"], "config": r["config"],
@@ -112,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.8)
     p.add_argument("--calibration-tokens", type=int, default=None, help="when compressing (default: compress's)")
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma list of {sorted(RECIPES)}")
-    p.add_argument("--data", default=None, help="tuning text: a file or 'mix' (default: WikiText-2 valid)")
+    p.add_argument("--data", default="mix", help="tuning text: a file or 'mix' (the default)")
     p.add_argument("--max-steps", type=int, default=48, help="the cosine schedule's length")
     p.add_argument("--minutes", type=float, default=15.0, help="wall-clock training limit per recipe")
     p.add_argument("--batch-size", type=int, default=4)
@@ -150,10 +159,13 @@ def main(argv=None) -> int:
         for row in rows:
             row["wikitext_x_dense"] = row["wikitext"] / dense["wikitext"]
             row["ood_x_dense"] = row["ood"] / dense["ood"]
-        print_table(rows, ["recipe", "wikitext", "wikitext_x_dense", "ood", "ood_x_dense", "global_step",
+            row["licenses_x_dense"] = row["licenses"] / dense["licenses"]
+        print_table(rows, ["recipe", "wikitext", "wikitext_x_dense", "ood", "ood_x_dense", "licenses",
+                           "licenses_x_dense", "global_step",
                            "tokens_seen", "train_minutes", "trainable_params", "lr"],
-                    title=f"perplexity: WikiText-2 test and {texts['ood'][1]} ({args.tokens} tokens, ctx "
-                          f"{args.context}); budget {args.budget}; tuned on {args.data or 'WikiText-2 valid'} for "
+                    title=f"perplexity: WikiText-2 test, {texts['ood'][1]} and {texts['licenses'][1]} "
+                          f"({args.tokens} tokens, ctx "
+                          f"{args.context}); budget {args.budget}; tuned on {args.data} for "
                           f"<= {args.minutes} min each")
         write_json(args.out, {"settings": settings, "compressed": str(ckpt), "texts": {k: v[1] for k, v in texts.items()},
                               "dense": dense, "rows": rows})  # after each recipe: partial runs survive

@@ -112,7 +112,8 @@ def test_finetune_never_scores_its_training_text(setup, monkeypatch, tmp_path, c
     assert r["eval"]["held_out"] is True and r["perplexity"] == r["eval"]["perplexity"]
     assert 0.09 < r["eval"]["fraction"] < 0.11 and 0.85 * len(data) < cut < 0.95 * len(data)
     assert seen["texts"] == [data[cut:], ood.read_text(encoding="utf-8")]  # held-out tail, then ood: nothing else
-    assert r["ood"]["text"] == str(ood) and math.isfinite(r["ood"]["perplexity"]) and "out-of-domain" in r["ood"]["note"]
+    [entry] = r["ood"]  # --ood-data replaces the default texts
+    assert entry["text"] == str(ood) and math.isfinite(entry["perplexity"]) and "out-of-domain" in entry["note"]
     tok, windows = setup["tok"], seen["train"].windows  # (n, 32)
     train_ids = tok(data[:cut], return_tensors="pt").input_ids[0]
     assert torch.equal(windows.reshape(-1), train_ids[:windows.numel()])  # training read only the text before cut
@@ -129,6 +130,8 @@ def test_eval_data_equal_to_data_is_refused(setup, tmp_path):
         finetune(_options(setup, tmp_path / "o", eval_data=str(setup["text"])))
     with pytest.raises(ValueError, match="--ood-data other than --data"):
         finetune(_options(setup, tmp_path / "o", ood_data=str(setup["text"])))
+    with pytest.raises(ValueError, match="--ood-data other than --data"):  # any one of several
+        finetune(_options(setup, tmp_path / "o", ood_data=["licenses", str(setup["text"])]))
 
 
 def test_sst2_reports_dev_accuracy_never_train(tmp_path):
@@ -283,3 +286,42 @@ def test_calibration_mix_is_the_mix_and_compression_default_is_unchanged():
     assert mix.text == load_corpus("mix").text and mix.name.startswith("mix") and mix.tokens == 256
     assert Calibration.from_file("mix").text == mix.text
     assert Calibration.from_file(None).name.startswith("pydoc_data.topics")  # compression's default: not the mix
+
+
+def test_default_ood_texts_are_pydoc_first_half_and_the_licences(setup, tmp_path, monkeypatch):
+    """Without --ood-data the run scores both default texts, each named; a machine without the licence folder
+    scores the pydoc text alone and says so by naming only it."""
+    from mpokit.data import corpus
+    from mpokit.train.recipes import finetune
+
+    folder = tmp_path / "licenses"
+    folder.mkdir()
+    for name in corpus.LICENSE_FILES:
+        (folder / name).write_text(f"{name}: permission is hereby granted, free of charge, to any person. " * 40,
+                                   encoding="utf-8")
+    monkeypatch.setattr(corpus, "LICENSE_DIR", folder)
+    r = finetune(_options(setup, tmp_path / "o"))
+    names = [e["text"] for e in r["ood"]]
+    assert names == [corpus.pydoc_first_half().name, corpus.licenses_corpus().name]
+    assert str(folder) in names[1] and all(math.isfinite(e["perplexity"]) for e in r["ood"])
+    monkeypatch.setattr(corpus, "LICENSE_DIR", tmp_path / "absent")
+    r = finetune(_options(setup, tmp_path / "o2"))
+    assert [e["text"] for e in r["ood"]] == [corpus.pydoc_first_half().name]
+
+
+def test_licenses_corpus_refuses_a_partial_folder(tmp_path):
+    from mpokit.data.corpus import LICENSE_FILES, licenses_corpus
+
+    (tmp_path / LICENSE_FILES[0]).write_text("text", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="missing licence texts"):
+        licenses_corpus(tmp_path)
+
+
+def test_data_defaults_to_the_mix_for_lm_and_the_shared_sst2_folder(tmp_path, monkeypatch):
+    from mpokit.train.recipes import FinetuneOptions
+
+    monkeypatch.setenv("MPOKIT_DATA", str(tmp_path))
+    lm = FinetuneOptions(model=None, method="recover", task="lm", data=None, max_steps=1, out=str(tmp_path / "o"))
+    sst2 = FinetuneOptions(model=None, method="full", task="sst2", data=None, max_steps=1, out=str(tmp_path / "o"))
+    named = FinetuneOptions(model=None, method="recover", task="lm", data="t.txt", max_steps=1, out=str(tmp_path))
+    assert (lm.data, sst2.data, named.data) == ("mix", str(tmp_path / "sst2"), "t.txt")

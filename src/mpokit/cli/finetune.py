@@ -20,8 +20,10 @@ def add_arguments(p) -> None:
                         "--teacher; lora: PEFT LoRA (on the MPO layers of a compressed model); full: every "
                         "parameter; kd: every parameter, loss mixes labels and --teacher logits")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help="lm: training text file, or 'mix' (WikiText-2 valid, Python docs and "
-                                                 "SST-2 sentences, interleaved); sst2: folder with train.tsv/dev.tsv")
+    p.add_argument("--data", default=None,
+                   help="lm: training text file, or 'mix' (the default: WikiText-2 valid, Python docs and SST-2 "
+                        "sentences, interleaved); sst2: folder with train.tsv/dev.tsv (default: the shared data "
+                        "folder's sst2/)")
     p.add_argument("--max-steps", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="output folder (Trainer checkpoints + model/)")
     p.add_argument("--json", default=None, help="write results as JSON here")
@@ -35,8 +37,10 @@ def add_arguments(p) -> None:
                         "(default: dev.tsv beside train.tsv)")
     p.add_argument("--held-out", type=positive_float, default=0.1,
                    help="lm without --eval-data: fraction of --data (its tail) held out for evaluation (default 0.1)")
-    p.add_argument("--ood-data", default=None,
-                   help="lm: out-of-domain text also scored (default: the offline pydoc corpus, first half)")
+    p.add_argument("--ood-data", action="append", default=None, metavar="TEXT",
+                   help="lm: an out-of-domain text also scored, a file or 'licenses'; repeat for more (default: the "
+                        "offline pydoc corpus's first half, and the licence texts in /usr/share/common-licenses "
+                        "where the machine has them)")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="sst2: first N evaluation rows")
     p.add_argument("--tokens", type=int_at_least(2), default=8192, help="lm: perplexity tokens (default 8192)")
     p.add_argument("--context", type=int_at_least(2), default=512, help="lm: perplexity window (default 512)")
@@ -85,12 +89,14 @@ def run(args) -> int:
         weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes, use_cpu=use_cpu)
     out = finetune(opts)
     out["device"] = str(resolve_device(args.device))  # auto: what Trainer picks too (use_cpu without CUDA)
-    metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", "ood_perplexity"]
-    row = {**out, "ood_perplexity": out["ood"]["perplexity"] if out.get("ood") else None}
+    ood = out.get("ood") or []
+    row = {**out, **{f"ood_perplexity_{k + 1}": e["perplexity"] for k, e in enumerate(ood)}}
+    metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", *(f"ood_perplexity_{k + 1}" for k in
+                                                                         range(len(ood)))]
     print_table([row], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", *metrics,
                         "train_seconds", "seconds"])
     print(out["eval"]["note"])
-    if out.get("ood"):
-        print(f"ood_perplexity: on {out['ood']['text']}, {out['ood']['note']}")
+    for k, e in enumerate(ood):
+        print(f"ood_perplexity_{k + 1}: on {e['text']}, {e['note']}")
     emit_json(args.json, out)
     return 0

@@ -11,12 +11,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "MIX", "MIX_CHUNK",
-           "PYDOC_NAME"]
+__all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "licenses_corpus",
+           "default_ood_corpora", "MIX", "MIX_CHUNK", "PYDOC_NAME", "LICENSES"]
 
 MIX = "mix"  # the name load_corpus / --data / --calibration give the built-in mix
 MIX_CHUNK = 1024  # characters per chunk of the mix: about one 256-token training window
 PYDOC_NAME = "pydoc_data.topics (offline default, ships with Python)"
+LICENSES = "licenses"  # the name load_corpus / --ood-data / --text give the licence texts (licenses_corpus)
+# Debian's base-files package ships these on every Debian/Ubuntu machine; one of each family (GPL-2 and LGPL-2.1
+# repeat GPL-3 and LGPL-3 nearly word for word). Legal English: no mpokit corpus or mix holds any of it.
+LICENSE_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0", "LGPL-3")
 
 
 @dataclass
@@ -26,14 +31,16 @@ class Corpus:
 
 
 def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Corpus:
-    """A text file, the built-in mix ("mix", see mix_corpus), a Hugging Face dataset
+    """A text file, the built-in mix ("mix", see mix_corpus), the licence texts ("licenses"), a Hugging Face dataset
     ("name[:config[:split]]"), or the offline default.
 
     The default is the pydoc topics text that ships with CPython, so nothing is downloaded.
-    A file literally named "mix" is read as ./mix.
+    A file literally named "mix" or "licenses" is read as ./mix or ./licenses.
     """
     if text_file == MIX:
         return mix_corpus()
+    if text_file == LICENSES:
+        return licenses_corpus()
     if text_file:
         path = Path(text_file)
         if not path.is_file():
@@ -75,6 +82,30 @@ def pydoc_first_half() -> Corpus:
     models tuned on the mix). Its start is the default corpus's start, so short prefixes score alike."""
     docs = _pydoc_text()
     return Corpus(docs[:_pydoc_half(docs)], f"{PYDOC_NAME}, first half")
+
+
+def licenses_corpus(folder: Path | None = None) -> Corpus:
+    """Seven software licences (GPL-3, GFDL-1.3, Apache-2.0, MPL-2.0, Artistic, CC0-1.0, LGPL-3; about 25k
+    SmolLM2 tokens) from `folder`: English of a domain (law) that no mpokit corpus, mix or benchmark tunes on,
+    offline wherever Debian's base-files is installed. folder None: LICENSE_DIR."""
+    folder = LICENSE_DIR if folder is None else Path(folder)
+    missing = [n for n in LICENSE_FILES if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing licence texts {missing} in {folder} (Debian's base-files package)")
+    text = "\n\n".join((folder / n).read_text(encoding="utf-8", errors="replace") for n in LICENSE_FILES)
+    return Corpus(text, f"{LICENSES}: {folder} ({', '.join(LICENSE_FILES)})")
+
+
+def default_ood_corpora() -> list[Corpus]:
+    """The out-of-domain texts a run reports when none is named: the pydoc corpus's first half (never in the
+    mix, but the mix holds its second half) and, where the machine has them, the licence texts (no source of
+    the mix is near them)."""
+    out = [pydoc_first_half()]
+    try:
+        out.append(licenses_corpus())
+    except FileNotFoundError:
+        pass  # not a Debian-based machine: the pydoc text alone, and the run's JSON names only it
+    return out
 
 
 def _chunks(text: str, size: int) -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mpokit.data import shared_data_dir
+from mpokit.data.corpus import MIX
 from mpokit.methods.checks import check_choice, check_ints, check_number
 from mpokit.methods.finetune import FinetuneConfig, TrainContext
 
@@ -28,7 +30,7 @@ class FinetuneOptions:
     model: str | None
     method: FinetuneConfig | str  # a name: that method with its defaults
     task: str
-    data: str
+    data: str | None  # None: lm the built-in mix ("mix"), sst2 the shared data folder's sst2/
     max_steps: int
     out: str
     batch_size: int = 8
@@ -38,7 +40,9 @@ class FinetuneOptions:
     # lm: text for perplexity (default: the held-out tail of data); sst2: tsv (default: dev.tsv next to data)
     eval_data: str | None = None
     held_out: float = 0.1  # lm without eval_data: fraction of data's characters held out for evaluation
-    ood_data: str | None = None  # lm: out-of-domain text also scored (default: the offline pydoc corpus's first half)
+    # lm: out-of-domain texts also scored, files or corpus names (None: data.corpus.default_ood_corpora, the pydoc
+    # corpus's first half and the licence texts where the machine has them)
+    ood_data: str | list[str] | None = None
     eval_tokens: int = 8192
     context: int = 512
     eval_limit: int | None = None
@@ -68,9 +72,16 @@ class FinetuneOptions:
             check_number("lr", self.lr, 0, low_open=True)
         check_number("weight_decay", self.weight_decay, 0)
         check_choice("task", self.task, TASKS)
+        if self.data is None:
+            self.data = MIX if self.task == "lm" else str(shared_data_dir() / "sst2")
         check_number("held_out", self.held_out, 0, 0.5, low_open=True)
         if self.max_minutes is not None:
             check_number("max_minutes", self.max_minutes, 0, low_open=True)
+        if isinstance(self.ood_data, str):
+            self.ood_data = [self.ood_data]
+        if self.ood_data is not None and not self.ood_data:
+            raise ValueError("expected at least one out-of-domain text, got an empty list (leave it out for the "
+                             "defaults)")
 
 
 def _datasets(o: FinetuneOptions, tok):
@@ -105,19 +116,19 @@ def _datasets(o: FinetuneOptions, tok):
     return TextWindows(tok, text, o.seq_len, o.train_limit), evaluation, None, label
 
 
-def _ood_text(o: FinetuneOptions) -> tuple[str, str] | None:
-    """lm: (text, name) of the out-of-domain text: --ood-data, else the pydoc corpus's first half (never in the mix)."""
-    from mpokit.data.corpus import pydoc_first_half
+def _ood_texts(o: FinetuneOptions) -> list[tuple[str, str]]:
+    """lm: (text, name) of each out-of-domain text: --ood-data, else data.corpus.default_ood_corpora."""
+    from mpokit.data.corpus import default_ood_corpora
     from mpokit.train.data import read_text, same_text
 
     if o.task != "lm":
-        return None
+        return []
     if o.ood_data is None:
-        corpus = pydoc_first_half()
-        return corpus.text, corpus.name
-    if same_text(o.ood_data, o.data) or same_text(o.ood_data, o.eval_data):
-        raise ValueError(f"expected --ood-data other than --data and --eval-data, got {o.ood_data}")
-    return read_text(o.ood_data)
+        return [(c.text, c.name) for c in default_ood_corpora()]
+    for spec in o.ood_data:
+        if same_text(spec, o.data) or same_text(spec, o.eval_data):
+            raise ValueError(f"expected --ood-data other than --data and --eval-data, got {spec}")
+    return [read_text(spec) for spec in o.ood_data]
 
 
 def _load(o: FinetuneOptions):
@@ -195,9 +206,9 @@ def _context(o: FinetuneOptions, loaded, train, collator, lr: float) -> TrainCon
                         load_source=_source_loader(o, loaded))
 
 
-def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict, ood: tuple[str, str] | None) -> dict:
-    """The run's figures, each labelled with its text: "eval" (held out or --eval-data), and for lm "ood"
-    (`ood`: the (text, name) of _ood_text)."""
+def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict, ood: list[tuple[str, str]]) -> dict:
+    """The run's figures, each labelled with its text: "eval" (held out or --eval-data), and for lm "ood", one
+    entry per out-of-domain text (`ood`: the (text, name) pairs of _ood_texts)."""
     from mpokit.train.evaluate import accuracy, perplexity_entry
 
     if o.task == "sst2":
@@ -206,11 +217,10 @@ def _evaluate(o: FinetuneOptions, model, tok, evaluation, collator, label: dict,
                                                                         "rows": len(evaluation)}}
     name, extra = label["text"], {k: v for k, v in label.items() if k != "text"}
     ev = perplexity_entry(model, tok, evaluation, name, o.eval_tokens, o.context, **extra)
-    ood_text, ood_name = ood
-    ood_entry = perplexity_entry(model, tok, ood_text, ood_name, o.eval_tokens, o.context,
-                                 note="out-of-domain text, not trained on")
+    ood_entries = [perplexity_entry(model, tok, text, text_name, o.eval_tokens, o.context,
+                                    note="out-of-domain text, not trained on") for text, text_name in ood]
     return {"perplexity": ev["perplexity"], "eval_tokens": ev["tokens"], "context": o.context, "eval": ev,
-            "ood": ood_entry}
+            "ood": ood_entries}
 
 
 def finetune(o: FinetuneOptions) -> dict:
@@ -224,7 +234,7 @@ def finetune(o: FinetuneOptions) -> dict:
     loaded = _load(o)
     model, tok = loaded.model, loaded.tokenizer
     train, evaluation, collator, label = _datasets(o, tok)
-    ood = _ood_text(o)  # read before training: a bad --ood-data fails now, not after
+    ood = _ood_texts(o)  # read before training: a bad --ood-data fails now, not after
     lr = o.lr if o.lr is not None else method.default_lr
     ctx = _context(o, loaded, train, collator, lr)
     prepared = method.prepare(model, ctx)
