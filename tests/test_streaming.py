@@ -106,11 +106,18 @@ def test_streamed_compression_is_identical_to_in_memory(saved, method, monkeypat
         assert torch.equal(got[k], v), k
 
 
+class _WholeModelOnly(mpokit.MPOConfig):
+    """A method that declares it reads the whole model (MPOConfig's handler, not streamable)."""
+
+    streamable = False
+
+
 def test_a_method_that_reads_the_whole_model_is_refused(saved):
     _, path = saved
     streamed = load_streamed(path, AutoModelForCausalLM)
     with pytest.raises(ValueError, match="block-streamed"):
-        mpokit.compress_(streamed, mpokit.MPOConfig())
+        mpokit.compress_(streamed, _WholeModelOnly())
+    assert mpokit.compress_(streamed, mpokit.MPOConfig(budget=0.5)).layers  # negative control: streamable runs
 
 
 def test_a_tied_config_with_differing_head_in_the_file_is_untied_as_transformers_does(tmp_path):

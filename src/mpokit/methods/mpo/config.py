@@ -32,6 +32,8 @@ class MPOConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mpo-datafree"
+    # weights read block by block: a budget is planned in two passes (spectra, then decompose; see transform.py)
+    streamable: ClassVar[bool] = True
     budget: float | None = None
     max_bond: int | None = option(None, "cap on every bond dimension", type=int)
     cutoff: float | None = option(None, "relative error target per layer", type=float)
