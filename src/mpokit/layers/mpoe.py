@@ -118,9 +118,12 @@ class RoutedMoE(MpokitLayer, nn.Module, register=False):
             if self.b_out is not None:
                 self.b_out.copy_(other.b_out)
 
-    def _init_from_dense(self, ffn: DenseFFN, router_std: float) -> None:
+    def _init_from_dense(self, ffn: DenseFFN, router_std: float, generator: torch.Generator) -> None:
+        """Router ~ N(0, router_std^2) from `generator` (CPU): the layer is a function of its seed, not of
+        whatever drew from torch's global generator before."""
         with torch.no_grad():
-            nn.init.normal_(self.router.weight, std=router_std)
+            w = self.router.weight
+            w.copy_(torch.randn(w.shape, generator=generator, dtype=torch.float32).mul_(router_std))
             if self.b_in is not None:
                 zeros = torch.zeros(ffn.neurons, device=ffn.up.device, dtype=ffn.up.dtype)
                 parts = [ffn.gate_bias if ffn.gate_bias is not None else zeros] if self.gated else []
@@ -162,11 +165,11 @@ class UpcycledMoE(RoutedMoE):
 
     @classmethod
     def from_dense(cls, ffn: DenseFFN, num_experts: int, top_k: int, site_kind: str = "gated",
-                   router_std: float = 0.02, forward_mode: str = "auto") -> "UpcycledMoE":
+                   router_std: float = 0.02, forward_mode: str = "auto", seed: int = 0) -> "UpcycledMoE":
         layer = cls(ffn.hidden, ffn.neurons, num_experts, top_k, ffn.act, ffn.gated, ffn.down.shape[0],
                     _has_in_bias(ffn), ffn.down_bias is not None, site_kind, forward_mode,
                     device=ffn.up.device, dtype=ffn.up.dtype)
-        layer._init_from_dense(ffn, router_std)
+        layer._init_from_dense(ffn, router_std, torch.Generator().manual_seed(seed))
         w_in = torch.cat([ffn.gate, ffn.up]) if ffn.gated else ffn.up  # (g*N, d)
         with torch.no_grad():
             layer.w_in.copy_(w_in.expand_as(layer.w_in))
@@ -274,7 +277,7 @@ class MPOEFFN(RoutedMoE):
                     _has_in_bias(ffn), ffn.down_bias is not None, site_kind, forward_mode,
                     layouts={n: m.spec() for n, m in mpos.items()}, grad_mask=grad_mask,
                     device=ffn.up.device, dtype=ffn.up.dtype)
-        layer._init_from_dense(ffn, router_std)
+        layer._init_from_dense(ffn, router_std, gen)
         layer.mpos.load_state_dict(nn.ModuleDict(mpos).state_dict())
         layer.truncation_error = {n: m.info.relative_error for n, m in mpos.items()}
         return layer

@@ -31,6 +31,7 @@ class MPOEConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "mpoe"
+    streamable: ClassVar[bool] = True  # one FFN read, upcycled and installed at a time
     num_experts: int = 8
     top_k: int = 2
     expert_type: str = "mpo"
