@@ -54,6 +54,31 @@ def test_calibration_from_file_and_from_text_give_the_same_batches(tmp_path):
         Calibration.from_file(tmp_path / "nope.txt")
 
 
+def test_default_calibration_is_the_mix_where_its_sources_are_else_pydoc(monkeypatch, tmp_path):
+    """No calibration text: the mix when the data folder holds WikiText-2 valid and SST-2 train, else the
+    pydoc corpus; resolve_calibration reads the same default, and evaluation's default stays pydoc."""
+    from mpokit.data import load_corpus
+    from mpokit.data.corpus import MIX, PYDOC_NAME, _mix_text, default_calibration_corpus
+
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "valid.txt").write_text(words_text(3000), encoding="utf-8")
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text("label\tsentence\n" + "1\ta fine film indeed\n" * 400)
+    monkeypatch.setenv("MPOKIT_DATA", str(tmp_path))
+    _mix_text.cache_clear()
+    mixed = default_calibration_corpus()
+    assert mixed.name.startswith(f"{MIX}:") and "a fine film indeed" in mixed.text
+    assert Calibration.from_file(None).name == mixed.name
+    tok = tiny_tokenizer()
+    assert torch.equal(resolve_calibration(None, tok, 128, 64, "a test")[0],
+                       resolve_calibration(Calibration(text=mixed.text), tok, 128, 64, "a test")[0])
+    assert load_corpus().name == PYDOC_NAME == load_corpus("pydoc").name  # evaluation never defaults to the mix
+    assert Calibration.from_file("pydoc").text == load_corpus().text  # the old default, by name
+    (tmp_path / "sst2" / "train.tsv").unlink()  # one source missing: the pydoc corpus, named
+    assert default_calibration_corpus().name == PYDOC_NAME == Calibration.from_file(None).name
+    _mix_text.cache_clear()
+
+
 def test_calibration_checks_its_fields():
     with pytest.raises(ValueError, match="got both"):
         Calibration(text="a b", batches=[torch.zeros(1, 4, dtype=torch.long)])

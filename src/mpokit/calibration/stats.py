@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mpokit.data import Calibration, load_corpus, tokenize_prefix
+from mpokit.data import Calibration, tokenize_prefix
+from mpokit.data.corpus import default_calibration_corpus
 from mpokit.surgery.offload import input_device
 from mpokit.surgery.replace import get_module
 
@@ -58,8 +59,8 @@ def resolve_calibration(calibration: Calibration | None, tokenizer, tokens: int,
                         purpose: str) -> list[torch.Tensor]:
     """Token windows (1, context) for a calibrated method: the one place calibration input is resolved.
 
-    calibration.batches are used as they are; else windows of calibration.text (None: the offline
-    corpus) tokenized by `tokenizer`. `tokens` and `context` (the method config's) apply where the
+    calibration.batches are used as they are; else windows of calibration.text (None:
+    data.corpus.default_calibration_corpus) tokenized by `tokenizer`. `tokens` and `context` (the method config's) apply where the
     Calibration leaves them None. The text must give at least one calibration window
     (min(tokens, context) tokens); fewer tokens than `tokens` are used with a warning.
     """
@@ -76,7 +77,7 @@ def resolve_calibration(calibration: Calibration | None, tokenizer, tokens: int,
     if tokenizer is None:
         raise ValueError(f"expected a tokenizer (compress_(model, config, tokenizer=tok)) or calibration batches "
                          f"for {purpose}, got neither")
-    text = calibration.text if calibration.text is not None else load_corpus().text
+    text = calibration.text if calibration.text is not None else default_calibration_corpus().text
     ids = tokenize_prefix(tokenizer, text, tokens)
     have, need = ids.numel(), max(2, min(tokens, context))
     if have < need:

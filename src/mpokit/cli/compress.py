@@ -18,7 +18,9 @@ def add_arguments(p) -> None:
     p.add_argument("--targets-regex", type=regex, default=None, help="regular expression over full module names")
     p.add_argument("--exclude", default=None, help="comma-separated module names/suffixes to skip")
     p.add_argument("--calibration", default=None,
-                   help="calibration text file for activation-aware methods (default: offline pydoc corpus)")
+                   help="calibration text for activation-aware methods: a file, 'pydoc' (the offline Python docs "
+                        "corpus) or 'mix' (the default where the shared data folder has its sources: WikiText-2 "
+                        "valid, Python docs and SST-2 sentences; else pydoc)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="load, compress and save the model in this dtype (default float32)")
     add_device_flag(p, "where the model is put for compression: calibration and factorizations run there; the "
@@ -50,7 +52,7 @@ def run(args) -> int:
     options = method_flag_values(args, "compress")
     config = build_config(args.method, target_modules=targets,
                           exclude_modules=module_names("--exclude", args.exclude), **options)
-    # --calibration FILE, else the offline default corpus; the report names which
+    # --calibration TEXT, else the default (the mix; the pydoc corpus without the data folder); the report names it
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
     shard_size(args.max_shard_size)

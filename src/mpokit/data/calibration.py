@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mpokit.data.corpus import load_corpus
+from mpokit.data.corpus import default_calibration_corpus, load_corpus
 
 __all__ = ["Calibration", "as_calibration"]
 
@@ -21,7 +21,8 @@ __all__ = ["Calibration", "as_calibration"]
 class Calibration:
     """Calibration input for activation-aware methods.
 
-    text: the calibration text (None: the offline default corpus, see load_corpus).
+    text: the calibration text (None: data.corpus.default_calibration_corpus, the mix where the shared data
+        folder has its sources, else the offline pydoc corpus).
     batches: pre-tokenized (1, T) LongTensors, used as they are (then text must be None).
     tokens, context: how many tokens, in windows of what length (None: the method config's
     calibration_tokens / calibration_context). Ignored for batches.
@@ -47,15 +48,15 @@ class Calibration:
     @classmethod
     def from_file(cls, path: str | Path | None, tokens: int | None = None, context: int | None = None
                   ) -> "Calibration":
-        """The text of a file, named after it (path None: the offline default corpus, named too)."""
-        corpus = load_corpus(str(path) if path is not None else None)
+        """The text of a file or named corpus, named after it (path None: default_calibration_corpus, named too)."""
+        corpus = load_corpus(str(path)) if path is not None else default_calibration_corpus()
         return cls(text=corpus.text, tokens=tokens, context=context, name=corpus.name)
 
     @classmethod
     def mix(cls, tokens: int | None = None, context: int | None = None) -> "Calibration":
         """The built-in offline mix (WikiText-2 valid, Python docs, SST-2 sentences; see mpokit.data.corpus.mix_corpus).
 
-        Not the default of any method: compression keeps the offline pydoc corpus unless told otherwise."""
+        Also what calibrated methods read when given no text, where the shared data folder has its sources."""
         corpus = load_corpus("mix")
         return cls(text=corpus.text, tokens=tokens, context=context, name=corpus.name)
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 __all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "licenses_corpus",
-           "default_ood_corpora", "MIX", "MIX_CHUNK", "PYDOC_NAME", "LICENSES"]
+           "default_ood_corpora", "default_calibration_corpus", "MIX", "MIX_CHUNK", "PYDOC", "PYDOC_NAME", "LICENSES"]
 
 MIX = "mix"  # the name load_corpus / --data / --calibration give the built-in mix
 MIX_CHUNK = 1024  # characters per chunk of the mix: about one 256-token training window
 PYDOC_NAME = "pydoc_data.topics (offline default, ships with Python)"
+PYDOC = "pydoc"  # the name load_corpus / --calibration / --text give the offline pydoc corpus
 LICENSES = "licenses"  # the name load_corpus / --ood-data / --text give the licence texts (licenses_corpus)
 # Debian's base-files package ships these on every Debian/Ubuntu machine; one of each family (GPL-2 and LGPL-2.1
 # repeat GPL-3 and LGPL-3 nearly word for word). Legal English: no mpokit corpus or mix holds any of it.
@@ -31,16 +32,19 @@ class Corpus:
 
 
 def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Corpus:
-    """A text file, the built-in mix ("mix", see mix_corpus), the licence texts ("licenses"), a Hugging Face dataset
+    """A text file, the built-in mix ("mix", see mix_corpus), the licence texts ("licenses"), the pydoc corpus
+    ("pydoc", also the default), a Hugging Face dataset
     ("name[:config[:split]]"), or the offline default.
 
     The default is the pydoc topics text that ships with CPython, so nothing is downloaded.
-    A file literally named "mix" or "licenses" is read as ./mix or ./licenses.
+    A file literally named "mix", "licenses" or "pydoc" is read as ./mix and so on.
     """
     if text_file == MIX:
         return mix_corpus()
     if text_file == LICENSES:
         return licenses_corpus()
+    if text_file == PYDOC:
+        return Corpus(_pydoc_text(), PYDOC_NAME)
     if text_file:
         path = Path(text_file)
         if not path.is_file():
@@ -94,6 +98,18 @@ def licenses_corpus(folder: Path | None = None) -> Corpus:
         raise FileNotFoundError(f"missing licence texts {missing} in {folder} (Debian's base-files package)")
     text = "\n\n".join((folder / n).read_text(encoding="utf-8", errors="replace") for n in LICENSE_FILES)
     return Corpus(text, f"{LICENSES}: {folder} ({', '.join(LICENSE_FILES)})")
+
+
+def default_calibration_corpus() -> Corpus:
+    """What calibrated methods read when given no text: the mix where its sources are found (the shared data
+    folder's WikiText-2 valid and SST-2 train), else the offline pydoc corpus. Either way the Corpus is named,
+    and `mpokit compress` reports the name. (Evaluation's default text stays the pydoc corpus: never the mix.)"""
+    from mpokit.data.paths import shared_data_dir
+
+    root = shared_data_dir()
+    if (root / "wikitext-2" / "valid.txt").is_file() and (root / "sst2" / "train.tsv").is_file():
+        return mix_corpus()
+    return Corpus(_pydoc_text(), PYDOC_NAME)
 
 
 def default_ood_corpora() -> list[Corpus]:

@@ -260,7 +260,8 @@ def aware_compress_(model: nn.Module, config: AwareConfig, tokenizer=None, calib
                    calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
                    progress: bool = True) -> Report:
     """Compress the targeted linear layers in place. calibration: text or token batches (default: the
-    offline corpus), read when config.needs_calibration; the older calibration_text= / batches= still work."""
+    default calibration corpus), read when config.needs_calibration; the older calibration_text= / batches=
+    still work."""
     calibration = as_calibration(calibration, calibration_text, batches)
     names, partners = _aware_targets(model, config)
     batches = (resolve_calibration(calibration, tokenizer, config.calibration_tokens, config.calibration_context,

@@ -49,7 +49,7 @@ class MoEficationConfig(MethodConfig):
       router_hidden: hidden width of the router MLP (0 = a single linear layer).
       router_steps, router_lr, router_batch: Adam steps, learning rate, tokens per step.
     Calibration (compress_(model, config, tokenizer=tok, calibration=Calibration(text=text)); the
-    older calibration_text=text still works; default text: the offline pydoc corpus):
+    older calibration_text=text still works; default text: data.corpus.default_calibration_corpus):
     calibration_tokens tokens in windows of calibration_context (a Calibration's own tokens/context win).
     """
 

@@ -27,7 +27,7 @@ def moefy_(model: nn.Module, config: MoEficationConfig, tokenizer=None, calibrat
           calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
           progress: bool = True) -> Report:
     """Replace every targeted FFN by a MoEFFN in place. calibration: text or (1, L) token id batches
-    (default: the offline corpus); the older calibration_text= / batches= still work."""
+    (default: data.corpus.default_calibration_corpus); the older calibration_text= / batches= still work."""
     calibration = as_calibration(calibration, calibration_text, batches)
     sites = find_ffns(model, config.target_modules, config.exclude_modules)
     for site in sites:

@@ -175,8 +175,8 @@ def check_unshared(model: nn.Module, names: list[str]) -> None:
 def quant_compress_(model: nn.Module, config: QuantConfig, tokenizer=None, calibration: Calibration | None = None, *,
                    calibration_text: str | None = None, batches: list[torch.Tensor] | None = None,
                    progress: bool = True) -> Report:
-    """Quantize the targets in place; algorithm='gptq' reads `calibration` (default: the offline corpus;
-    the older calibration_text= / batches= still work)."""
+    """Quantize the targets in place; algorithm='gptq' reads `calibration` (default: the default calibration
+    corpus; the older calibration_text= / batches= still work)."""
     calibration = as_calibration(calibration, calibration_text, batches)
     names = find_targets(model, config.target_modules, config.exclude_modules, types=_target_types())
     tables = vocab_tables(model) if config.embeddings is not None else None
