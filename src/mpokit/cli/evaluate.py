@@ -19,6 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4)
     add_runtime_flags(p)
     add_device_flag(p, "where the model runs (perplexity, abilities and --lm-eval)")
+    add_device_map_flags(p)
     from mpokit.methods.base import method_names
 
     p.add_argument("--kv-cache", default=None, choices=method_names("kv-cache"),
@@ -42,6 +43,56 @@ def add_arguments(p) -> None:
                    help="with --lm-eval: few-shot examples per prompt (default: each task's own)")
     p.add_argument("--json", default=None, help="write results as JSON here")
     add_report_flag(p)
+
+
+def add_device_map_flags(p) -> None:
+    """--device-map, --max-memory, --offload-dir: a model larger than one device, placed by accelerate."""
+    from mpokit.io.device_map import STRATEGIES
+
+    p.add_argument("--device-map", default=None, choices=STRATEGIES,
+                   help="spread the model over GPUs, CPU and disk with accelerate (whole decoder blocks per device; "
+                        "auto and balanced: even over the GPUs, sequential: fill GPU 0 first); instead of --device")
+    p.add_argument("--max-memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="with --device-map: memory each device may hold, e.g. cpu=2GiB,0=20GiB (GPU by index; "
+                        "default: what is free)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="with --device-map: weights that fit nowhere go to disk, in a fresh folder inside DIR "
+                        "(created if missing) that is removed after the run")
+
+
+def check_placement(args) -> dict | None:
+    """load_model's device_map / max_memory for --device-map (None without it); its options alone are errors."""
+    if args.device_map is None:
+        given = [f for f, v in (("--max-memory", args.max_memory), ("--offload-dir", args.offload_dir))
+                 if v is not None]
+        if given:
+            raise UserError(f"expected {', '.join(given)} only with --device-map, got it without")
+        return None
+    if args.device != "auto":
+        raise UserError(f"expected either --device-map or --device, got both (--device-map {args.device_map} "
+                        f"--device {args.device}): accelerate places every module under --device-map")
+    from mpokit.io.device_map import parse_max_memory
+
+    max_memory = None if args.max_memory is None else parse_max_memory(args.max_memory)
+    return {"device_map": args.device_map, "max_memory": max_memory}
+
+
+def placed_runtime(model, args) -> dict:
+    """apply_runtime for a model accelerate has dispatched: it was loaded in --dtype and must not be moved
+    (accelerate refuses .to() on a model with offloaded weights); returns what to report."""
+    from mpokit.io.device_map import device_map_summary
+    from mpokit.layers.quant import set_kernel_
+    from mpokit.surgery.offload import input_device
+
+    device = input_device(model)
+    if device.type == "meta":  # perplexity, abilities and lm-eval send token ids to the first weight's device
+        first = next(name for name, _ in model.named_parameters())
+        raise UserError(f"expected the model's first weights ({first}) in memory under --device-map, got them "
+                        f"offloaded by accelerate; raise --max-memory so that they fit")
+    placement = {"strategy": args.device_map, "max_memory": args.max_memory, "offload_dir": args.offload_dir,
+                 **(device_map_summary(model) or {})}
+    return {"dtype": args.dtype, "device": str(device), "device_map": placement, "kernel": args.kernel,
+            "kernel_paths": set_kernel_(model, args.kernel)}
 
 
 def check_kv_options(args) -> int | None:
@@ -86,12 +137,15 @@ def run_lm_eval_tasks(model, tokenizer, tasks, args) -> dict:
 
 
 def run(args) -> int:
-    from mpokit.eval.perplexity import check_positions, load_corpus, perplexity
-    from mpokit.eval.size import count_params, param_bytes
+    import torch
+
+    from mpokit.eval.perplexity import load_corpus
+    from mpokit.io.device_map import offload_workspace
     from mpokit.io.models import load_model
 
     chunk = check_kv_options(args)  # flags first, then files, then the model
     resolve_device(args.device)
+    placement = check_placement(args)
     lm_tasks = check_lm_eval(args)
     check_report(args)
     kv = None
@@ -100,8 +154,25 @@ def run(args) -> int:
 
         kv = build_config(args.kv_cache, kind="kv-cache", **method_flag_values(args, "kv-cache"))
     corpus = load_corpus(args.text, args.dataset)  # fail on a bad path before loading the model
-    loaded = load_model(args.model)
-    runtime = apply_runtime(loaded.model, args)
+    with offload_workspace(args.offload_dir if placement else None) as offload:
+        if placement is None:
+            loaded = load_model(args.model)
+            runtime = apply_runtime(loaded.model, args)
+        else:
+            loaded = load_model(args.model, dtype=getattr(torch, args.dtype), offload_folder=offload, **placement)
+            runtime = placed_runtime(loaded.model, args)
+            placed = runtime["device_map"]
+            rows = [{"device": d, "modules": sum(v == d for v in placed.get("modules", {}).values()), "bytes": b}
+                    for d, b in placed.get("bytes", {}).items()]
+            print_table(rows, ["device", "modules", "bytes"], title="device map")
+        return evaluate_loaded(args, loaded, runtime, corpus, chunk, kv, lm_tasks)
+
+
+def evaluate_loaded(args, loaded, runtime, corpus, chunk, kv, lm_tasks) -> int:
+    """Perplexity (with --kv-cache in the loop), sizes, then --abilities and --lm-eval; prints and writes JSON."""
+    from mpokit.eval.perplexity import check_positions, perplexity
+    from mpokit.eval.size import count_params, param_bytes
+
     check_positions(loaded.model, min(args.context, args.tokens), "--context")
     factory = None
     if args.kv_cache:

@@ -253,12 +253,18 @@ def _tokenizer(where, spec: str, **kwargs):
 
 def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
                dtype: torch.dtype = torch.float32, stream: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", *, device_map: str | None = None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None) -> LoadedModel:
     """Load by alias ("smollm2", "minilm"), mpokit checkpoint, .gguf file, HF folder or hub name.
 
     stream=True: a causal LM in a local safetensors folder (the embedded default included) is built on
     the meta device with only its non-block weights read, onto `device`; each decoder block is read
-    when a compression pass reaches it (io/lazy.py). Other sources load whole (`streamed` says which)."""
+    when a compression pass reaches it (io/lazy.py). Other sources load whole (`streamed` says which).
+
+    device_map ("auto", "balanced", "sequential"): accelerate spreads the model over GPUs, CPU and disk
+    within max_memory (accelerate's dict, e.g. {0: 20 * 2**30, "cpu": 2 * 2**30}), weights that fit
+    nowhere going to offload_folder; `device` is then unused. A folder or hub model gets them through
+    from_pretrained; a checkpoint is rebuilt on CPU, cast to `dtype` and dispatched (io/device_map.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from mpokit.io.atomic import recover
@@ -266,6 +272,13 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
     from mpokit.io.lazy import can_stream, load_streamed
 
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if device_map is not None:
+        from mpokit.io.device_map import STRATEGIES
+
+        if device_map not in STRATEGIES:
+            raise ValueError(f"expected device_map in {STRATEGIES}, got {device_map!r}")
+        if stream:
+            raise ValueError("expected either stream=True or a device_map, got both")
     hub_kwargs: dict = {}
     if spec is None or spec == DEFAULT_MODEL:
         path = _gguf_cached(default_gguf_path())
@@ -278,7 +291,12 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
         with contextlib.suppress(OSError):
             recover(path)  # an interrupted save of a checkpoint here is finished or undone first
         if is_checkpoint(path):
-            return LoadedModel(load_compressed(path), checkpoint_tokenizer(path, source), source, path)
+            model = load_compressed(path)
+            if device_map is not None:
+                from mpokit.io.device_map import dispatch_
+
+                model = dispatch_(model.to(dtype), device_map, max_memory, offload_folder)
+            return LoadedModel(model, checkpoint_tokenizer(path, source), source, path)
         if path.is_file():
             if path.suffix != ".gguf":
                 raise CheckpointError(f"expected a model folder, an mpokit checkpoint or a .gguf file, got the file "
@@ -293,12 +311,16 @@ def load_model(spec: str | os.PathLike | None = None, task: str = "causal-lm",
         else:
             hint = "" if "/" in text else "; a Hugging Face hub id has the form org/name"
             raise MissingModelError(f"no such model folder: {spec} (missing model path{hint})")
+    placement = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": None if offload_folder is None else os.fspath(offload_folder)}
     if stream and task == "causal-lm" and isinstance(path, Path) and can_stream(path):
         model = load_streamed(path, auto, dtype, device)
         return LoadedModel(model, _tokenizer(path, source), source, path, streamed=True)
     kwargs = {"num_labels": 2} if task != "causal-lm" else {}
     try:
-        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **hub_kwargs)
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs, **hub_kwargs,
+                                           **placement)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load the model {source}: {first}") from e
