@@ -173,15 +173,11 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from accelerate.state import AcceleratorState
-from conftest import tiny_llama
+from conftest import ByteTokenizer as Tok, tiny_llama
 from mpokit.io.checkpoint import load_compressed, save_compressed
 from mpokit.methods.mpop import decompose_, mpop_
 from mpokit.train import TextWindows, fit
 
-class Tok:
-    def __call__(self, text, return_tensors=None):
-        class R: input_ids = torch.tensor([b % 128 for b in text.encode()])[None]
-        return R()
 
 def build():
     torch.manual_seed(0)

@@ -1,20 +1,10 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import ByteTokenizer as Tok, tiny_llama
 from mpokit.methods.mpop import (auxiliary_parameters, central_parameters, decompose_, dimension_squeeze_, mpo_linears,
                                  mpop_, squeeze_layer_, squeeze_schedule)
 from mpokit.train import TextWindows, count_trainable, fit
-
-
-class Tok:  # byte-level stand-in tokenizer for the tiny 128-token vocab
-    def __call__(self, text, return_tensors=None):
-        ids = torch.tensor([b % 128 for b in text.encode()])
-
-        class R:
-            input_ids = ids[None]
-        return R()
-
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 

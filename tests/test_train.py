@@ -8,18 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import ByteTokenizer as Tok, tiny_llama
 from mpokit.train import SST2, TextWindows, count_trainable, fit, read_sst2, shared_data_dir, train_only_
-
-
-class Tok:
-    def __call__(self, text, return_tensors=None):
-        ids = torch.tensor([b % 128 for b in text.encode()])
-
-        class R:
-            input_ids = ids[None]
-        return R()
-
 
 TEXT = "a stitch in time saves nine; many hands make light work. " * 30
 
@@ -101,14 +91,10 @@ DDP_SCRIPT = r'''
 import json, os, sys, torch
 sys.path.insert(0, sys.argv[2])
 torch.manual_seed(0)
-from conftest import tiny_llama
+from conftest import ByteTokenizer as Tok, tiny_llama
 from mpokit.train import TextWindows, fit
 from mpokit.methods.mpop import decompose_, mpop_
 
-class Tok:
-    def __call__(self, text, return_tensors=None):
-        class R: input_ids = torch.tensor([b % 128 for b in text.encode()])[None]
-        return R()
 
 model = tiny_llama()
 decompose_(model, target_modules=["up_proj"])
