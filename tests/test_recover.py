@@ -279,13 +279,14 @@ def test_mix_interleaves_all_three_sources():
     assert first.startswith(docs[:1000]) and all(first[k:k + 200] not in mix for k in range(0, len(first) - 200, 2_000))
 
 
-def test_calibration_mix_is_the_mix_and_compression_default_is_unchanged():
+def test_calibration_mix_is_the_mix_and_compression_defaults_to_it_here():
     from mpokit.data import Calibration
 
     mix = Calibration.mix(tokens=256)
     assert mix.text == load_corpus("mix").text and mix.name.startswith("mix") and mix.tokens == 256
     assert Calibration.from_file("mix").text == mix.text
-    assert Calibration.from_file(None).name.startswith("pydoc_data.topics")  # compression's default: not the mix
+    assert Calibration.from_file(None).text == mix.text  # the shared data folder is here: the mix is the default
+    assert Calibration.from_file("pydoc").name.startswith("pydoc_data.topics")  # the old default, by name
 
 
 def test_default_ood_texts_are_pydoc_first_half_and_the_licences(setup, tmp_path, monkeypatch):
