@@ -14,6 +14,7 @@ Recipes (--recipes, comma list; each stops at --minutes, its cosine schedule spa
   recover-kd       every MPO core, distillation from the dense model (today's default `recover`)
   recover-kd-lora  LoRA rank 16 on the frozen MPO layers, distillation, merged into the cores at the end
   recover-kd-aux   auxiliary cores only, distillation (not in the default list)
+  recover-kd-lm    every MPO core, half distillation and half LM loss (--alpha 0.5; not in the default list)
   mpop             auxiliary cores only, LM loss (MPOP, ACL 2021)
   dense-lm         control: the dense model, every weight, LM loss on --data, same lr and minutes as recover-lm
 The long run (about 6 x 15 CPU minutes of training plus evaluation):
@@ -42,6 +43,7 @@ RECIPES = {
     "recover-kd": ("compressed", "recover", {}, 1e-4),
     "recover-kd-lora": ("compressed", "recover", {"trainable": "lora", "rank": 16}, 1e-3),
     "recover-kd-aux": ("compressed", "recover", {"trainable": "aux"}, 3e-4),
+    "recover-kd-lm": ("compressed", "recover", {"alpha": 0.5}, 1e-4),
     "mpop": ("compressed", "mpop", {}, 3e-4),
     "dense-lm": ("dense", "full", {}, 1e-4),
 }
