@@ -308,6 +308,12 @@ def test_default_ood_texts_are_pydoc_first_half_and_the_licences(setup, tmp_path
     monkeypatch.setattr(corpus, "LICENSE_DIR", tmp_path / "absent")
     r = finetune(_options(setup, tmp_path / "o2"))
     assert [e["text"] for e in r["ood"]] == [corpus.pydoc_first_half().name]
+    # training on a default text drops it from the defaults (never an OOD figure on training text)
+    trained_on_licences = tmp_path / "train.txt"
+    trained_on_licences.write_text(setup["text"].read_text(encoding="utf-8") + corpus.licenses_corpus(folder).text)
+    monkeypatch.setattr(corpus, "LICENSE_DIR", folder)
+    r = finetune(_options(setup, tmp_path / "o3", data=str(trained_on_licences)))
+    assert [e["text"] for e in r["ood"]] == [corpus.pydoc_first_half().name]
 
 
 def test_licenses_corpus_refuses_a_partial_folder(tmp_path):

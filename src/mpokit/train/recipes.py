@@ -117,14 +117,19 @@ def _datasets(o: FinetuneOptions, tok):
 
 
 def _ood_texts(o: FinetuneOptions) -> list[tuple[str, str]]:
-    """lm: (text, name) of each out-of-domain text: --ood-data, else data.corpus.default_ood_corpora."""
+    """lm: (text, name) of each out-of-domain text: --ood-data, else those of data.corpus.default_ood_corpora
+    that --data does not hold (training on `--data pydoc` or `licenses` drops that text from the defaults)."""
     from mpokit.data.corpus import default_ood_corpora
     from mpokit.train.data import read_text, same_text
 
     if o.task != "lm":
         return []
     if o.ood_data is None:
-        return [(c.text, c.name) for c in default_ood_corpora()]
+        train_text = read_text(o.data)[0]
+        kept = [(c.text, c.name) for c in default_ood_corpora() if c.text[:2000] not in train_text]
+        if not kept:
+            raise ValueError(f"expected --ood-data: --data {o.data} holds every default out-of-domain text")
+        return kept
     for spec in o.ood_data:
         if same_text(spec, o.data) or same_text(spec, o.eval_data):
             raise ValueError(f"expected --ood-data other than --data and --eval-data, got {spec}")
