@@ -60,9 +60,9 @@ def resolve_calibration(calibration: Calibration | None, tokenizer, tokens: int,
     """Token windows (1, context) for a calibrated method: the one place calibration input is resolved.
 
     calibration.batches are used as they are; else windows of calibration.text (None:
-    data.corpus.default_calibration_corpus) tokenized by `tokenizer`. `tokens` and `context` (the method config's) apply where the
-    Calibration leaves them None. The text must give at least one calibration window
-    (min(tokens, context) tokens); fewer tokens than `tokens` are used with a warning.
+    data.corpus.default_calibration_corpus) tokenized by `tokenizer`. `tokens` and `context` (the
+    method config's) apply where the Calibration leaves them None. The text must give at least one
+    calibration window (min(tokens, context) tokens); fewer tokens than `tokens` are used with a warning.
     """
     calibration = Calibration() if calibration is None else calibration
     tokens = calibration.tokens if calibration.tokens is not None else tokens

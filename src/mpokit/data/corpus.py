@@ -44,7 +44,7 @@ def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Cor
     if text_file == LICENSES:
         return licenses_corpus()
     if text_file == PYDOC:
-        return Corpus(_pydoc_text(), PYDOC_NAME)
+        return _pydoc_corpus()
     if text_file:
         path = Path(text_file)
         if not path.is_file():
@@ -59,13 +59,17 @@ def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Cor
         ds = datasets.load_dataset(name, config, split=split or "test")
         column = "text" if "text" in ds.column_names else ds.column_names[0]
         return Corpus("\n\n".join(ds[column]), f"hf:{dataset}")
-    return Corpus(_pydoc_text(), PYDOC_NAME)
+    return _pydoc_corpus()
 
 
 def _pydoc_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _pydoc_corpus() -> Corpus:
+    return Corpus(_pydoc_text(), PYDOC_NAME)
 
 
 def _pydoc_half(docs: str) -> int:
@@ -106,10 +110,9 @@ def default_calibration_corpus() -> Corpus:
     and `mpokit compress` reports the name. (Evaluation's default text stays the pydoc corpus: never the mix.)"""
     from mpokit.data.paths import shared_data_dir
 
-    root = shared_data_dir()
-    if (root / "wikitext-2" / "valid.txt").is_file() and (root / "sst2" / "train.tsv").is_file():
+    if all(f.is_file() for f in _mix_files(shared_data_dir())):
         return mix_corpus()
-    return Corpus(_pydoc_text(), PYDOC_NAME)
+    return _pydoc_corpus()
 
 
 def default_ood_corpora() -> list[Corpus]:
@@ -137,15 +140,20 @@ def _chunks(text: str, size: int) -> list[str]:
     return [c for c in out if c]
 
 
+def _mix_files(root: Path) -> tuple[Path, Path]:
+    """The mix's two files in the shared data folder: WikiText-2 valid and SST-2 train."""
+    return root / "wikitext-2" / "valid.txt", root / "sst2" / "train.tsv"
+
+
 @lru_cache(maxsize=2)
 def _mix_text(root: str, chunk: int) -> str:
     from mpokit.data.sst2 import read_sst2
 
-    wiki = Path(root) / "wikitext-2" / "valid.txt"
+    wiki, sst2 = _mix_files(Path(root))
     if not wiki.is_file():
         raise FileNotFoundError(f"missing {wiki} for the {MIX!r} corpus (set MPOKIT_DATA to the data folder)")
     sources = [wiki.read_text(encoding="utf-8", errors="replace"), _pydoc_second_half(),
-               "\n".join(s for _, s in read_sst2(Path(root) / "sst2" / "train.tsv"))]
+               "\n".join(s for _, s in read_sst2(sst2))]
     parts = [_chunks(t, chunk) for t in sources]
     n = min(len(p) for p in parts)  # stop with the shortest source: every stretch of the mix stays mixed
     return "\n\n".join(p[k] for k in range(n) for p in parts)  # wiki, docs, sst2, wiki, docs, ...
