@@ -89,14 +89,13 @@ def run(args) -> int:
         weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes, use_cpu=use_cpu)
     out = finetune(opts)
     out["device"] = str(resolve_device(args.device))  # auto: what Trainer picks too (use_cpu without CUDA)
-    ood = out.get("ood") or []
-    row = {**out, **{f"ood_perplexity_{k + 1}": e["perplexity"] for k, e in enumerate(ood)}}
-    metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", *(f"ood_perplexity_{k + 1}" for k in
-                                                                         range(len(ood)))]
+    ood = {f"ood_perplexity_{k + 1}": e for k, e in enumerate(out.get("ood") or [])}  # column -> entry
+    row = {**out, **{column: e["perplexity"] for column, e in ood.items()}}
+    metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", *ood]
     print_table([row], ["model", "method", "task", "global_step", "trainable_params", "params", "train_loss", *metrics,
                         "train_seconds", "seconds"])
     print(out["eval"]["note"])
-    for k, e in enumerate(ood):
-        print(f"ood_perplexity_{k + 1}: on {e['text']}, {e['note']}")
+    for column, e in ood.items():
+        print(f"{column}: on {e['text']}, {e['note']}")
     emit_json(args.json, out)
     return 0

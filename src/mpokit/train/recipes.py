@@ -84,8 +84,9 @@ class FinetuneOptions:
                              "defaults)")
 
 
-def _datasets(o: FinetuneOptions, tok):
-    """(train dataset, evaluation text or dataset, collator, evaluation label); never evaluation on training text."""
+def _datasets(o: FinetuneOptions, tok, data: tuple[str, str] | None):
+    """(train dataset, evaluation text or dataset, collator, evaluation label); never evaluation on training text.
+    data: lm, the (text, name) of --data (read once by the caller)."""
     from transformers import DataCollatorWithPadding
 
     from mpokit.train.data import SST2, TextWindows, hold_out_tail, read_text, same_text
@@ -101,7 +102,7 @@ def _datasets(o: FinetuneOptions, tok):
                  "note": f"evaluated on {eval_file} ({'--eval-data' if o.eval_data else 'the dev split'}), not trained on"}
         return (SST2(tok, train_file, o.seq_len, o.train_limit), SST2(tok, eval_file, o.seq_len, o.eval_limit),
                 DataCollatorWithPadding(tok), label)
-    text, name = read_text(o.data)
+    text, name = data
     if o.eval_data:
         if same_text(o.data, o.eval_data):
             raise ValueError(f"expected --eval-data other than --data, got {o.eval_data} for both (perplexity on "
@@ -116,16 +117,16 @@ def _datasets(o: FinetuneOptions, tok):
     return TextWindows(tok, text, o.seq_len, o.train_limit), evaluation, None, label
 
 
-def _ood_texts(o: FinetuneOptions) -> list[tuple[str, str]]:
+def _ood_texts(o: FinetuneOptions, train_text: str | None) -> list[tuple[str, str]]:
     """lm: (text, name) of each out-of-domain text: --ood-data, else those of data.corpus.default_ood_corpora
-    that --data does not hold (training on `--data pydoc` or `licenses` drops that text from the defaults)."""
+    that `train_text` (all of --data) does not hold (training on `--data pydoc` or `licenses` drops that text
+    from the defaults)."""
     from mpokit.data.corpus import default_ood_corpora
     from mpokit.train.data import read_text, same_text
 
     if o.task != "lm":
         return []
     if o.ood_data is None:
-        train_text = read_text(o.data)[0]
         kept = [(c.text, c.name) for c in default_ood_corpora() if c.text[:2000] not in train_text]
         if not kept:
             raise ValueError(f"expected --ood-data: --data {o.data} holds every default out-of-domain text")
@@ -232,14 +233,16 @@ def finetune(o: FinetuneOptions) -> dict:
     """Load, prepare (the method), fit, finish (the method), evaluate, save; returns the run's figures."""
     from mpokit.eval.size import count_params
     from mpokit.io.checkpoint import save_compressed
+    from mpokit.train.data import read_text
     from mpokit.train.params import count_trainable
 
     t0 = time.time()
     method = o.method
     loaded = _load(o)
     model, tok = loaded.model, loaded.tokenizer
-    train, evaluation, collator, label = _datasets(o, tok)
-    ood = _ood_texts(o)  # read before training: a bad --ood-data fails now, not after
+    data = read_text(o.data) if o.task == "lm" else None  # (text, name): read once for training and the OOD check
+    train, evaluation, collator, label = _datasets(o, tok, data)
+    ood = _ood_texts(o, data[0] if data else None)  # read before training: a bad --ood-data fails now, not after
     lr = o.lr if o.lr is not None else method.default_lr
     ctx = _context(o, loaded, train, collator, lr)
     prepared = method.prepare(model, ctx)
