@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_recovery import score  # noqa: E402  (the same untuned scoring on several texts)
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # name -> --calibration value
     "wikitext-valid": str(ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"),
@@ -50,15 +53,6 @@ def _compress(source: str, folder: Path, args) -> float | None:
     return time.perf_counter() - t0
 
 
-def _score(spec: str | None, texts, args) -> dict:
-    from mpokit.io.models import load_model
-    from mpokit.train.evaluate import perplexity_entry
-
-    loaded = load_model(spec)
-    return {k: perplexity_entry(loaded.model, loaded.tokenizer, text, name, args.tokens, args.context)["perplexity"]
-            for k, (text, name) in texts.items()}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of {list(SOURCES)}")
@@ -79,13 +73,13 @@ def main(argv=None) -> int:
     from mpokit.io.atomic import write_json
 
     texts = _texts()
-    dense = {"calibration": "dense (none)", **_score(None, texts, args)}
+    dense = {"calibration": "dense (none)", **score(None, texts, args)}
     rows = [dense]
     for source in sources:
         folder = Path(args.out_dir) / f"{source}-{args.budget}"
         seconds = _compress(source, folder, args)
         rows.append({"calibration": source, "checkpoint": str(folder), "compress_seconds": seconds,
-                     **_score(str(folder), texts, args)})
+                     **score(str(folder), texts, args)})
         for row in rows:
             row.update({f"{k}_x_dense": row[k] / dense[k] for k in texts})
         columns = ["calibration"] + [c for k in texts for c in (k, f"{k}_x_dense")]

@@ -64,8 +64,9 @@ def _texts():
             "ood": (ood[0].text, ood[0].name), "licenses": (ood[1].text, ood[1].name)}
 
 
-def _score(spec, texts, args) -> dict:
-    """Both perplexities of a model as it is (no tuning)."""
+def score(spec, texts, args) -> dict:
+    """{key: perplexity} of a model as it is (no tuning) on each of `texts` ({key: (text, name)}), over the first
+    args.tokens tokens in windows of args.context."""
     from mpokit.io.models import load_model
     from mpokit.train.evaluate import perplexity_entry
 
@@ -151,8 +152,8 @@ def main(argv=None) -> int:
     texts = _texts()
     ckpt = Path(args.compressed)
     _compress_if_missing(ckpt, args)
-    dense = {"recipe": "dense", **_score(None, texts, args)}
-    rows = [dense, {"recipe": "none (compressed)", **_score(str(ckpt), texts, args)}]
+    dense = {"recipe": "dense", **score(None, texts, args)}
+    rows = [dense, {"recipe": "none (compressed)", **score(str(ckpt), texts, args)}]
     settings = {k: getattr(args, k) for k in ("budget", "method", "data", "max_steps", "minutes", "batch_size",
                                               "grad_accum", "seq_len", "warmup_steps", "tokens", "context", "threads")}
     for recipe in [None, *recipes]:  # None: the two untuned rows, written before any tuning
