@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,23 @@ def test_licenses_corpus_refuses_a_partial_folder(tmp_path):
     (tmp_path / LICENSE_FILES[0]).write_text("text", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="missing licence texts"):
         licenses_corpus(tmp_path)
+
+
+def test_vim_manual_corpus_reads_the_newest_manual_and_refuses_a_folder_without_one(tmp_path):
+    from mpokit.data.corpus import vim_manual_corpus
+
+    for version, words in (("vim81", "old"), ("vim90", "new")):
+        doc = tmp_path / version / "doc"
+        doc.mkdir(parents=True)
+        for n in ("01", "02"):
+            (doc / f"usr_{n}.txt").write_text(f"{words} chapter {n}", encoding="utf-8")
+        (doc / "options.txt").write_text("the reference manual, not the user manual", encoding="utf-8")
+    c = vim_manual_corpus(tmp_path)
+    assert c.text == "new chapter 01\n\nnew chapter 02" and "vim90" in c.name and c.name.startswith("vim-manual")
+    with pytest.raises(FileNotFoundError, match="missing the Vim user manual"):
+        vim_manual_corpus(tmp_path / "absent")
+    if Path("/usr/share/vim").is_dir() and list(Path("/usr/share/vim").glob("vim*/doc/usr_01.txt")):
+        assert load_corpus("vim-manual").name.startswith("vim-manual")
 
 
 def test_data_defaults_to_the_mix_for_lm_and_the_shared_sst2_folder(tmp_path, monkeypatch):

@@ -226,6 +226,29 @@ def test_fit_time_limit_and_grad_accum(tmp_path):
         fit(model, ds, str(tmp_path / "c"), max_steps=1, grad_accum=0)
 
 
+def test_a_time_budget_fits_the_schedule_only_when_the_clock_comes_first(monkeypatch):
+    """--max-minutes: after warmup the schedule follows max(step, elapsed fraction x max_steps): cosine is at
+    half its rate half-way through the minutes, 0 at the limit; a run ahead of the clock follows its steps."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from mpokit.train import trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=100)
+    trainer_mod._fit_schedule_to_time(sched, 100, 2, budget_s=10.0)
+    f = sched.lr_lambdas[0]
+    plain = get_cosine_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=100).lr_lambdas[0]
+    clock[0] = 5.0
+    assert f(1) == pytest.approx(plain(1))  # warmup follows steps alone
+    assert f(10) == pytest.approx(plain(50)) and plain(50) < 0.55 < 0.95 < plain(10)  # half the minutes: step 50
+    clock[0] = 10.0
+    assert f(11) == pytest.approx(0.0, abs=1e-12)  # the limit: annealed
+    clock[0] = 1.0
+    assert f(60) == pytest.approx(plain(60))  # ahead of the clock: the step schedule, unchanged
+
+
 def test_a_new_training_method_needs_only_its_config(tmp_path):
     """A fine-tuning method defined anywhere (here: in this test) is offered by `mpokit finetune`, with its own
     flag, and runs through load -> prepare -> fit -> finish -> evaluate -> save: no other file changes."""

@@ -38,8 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--held-out", type=positive_float, default=0.1,
                    help="lm without --eval-data: fraction of --data (its tail) held out for evaluation (default 0.1)")
     p.add_argument("--ood-data", action="append", default=None, metavar="TEXT",
-                   help="lm: an out-of-domain text also scored, a file or 'licenses'; repeat for more (default: the "
-                        "offline pydoc corpus's first half, and the licence texts in /usr/share/common-licenses "
+                   help="lm: an out-of-domain text also scored, a file, 'licenses' or 'vim-manual'; repeat for "
+                        "more (default: the offline pydoc corpus's first half, and the licence texts in "
+                        "/usr/share/common-licenses "
                         "where the machine has them)")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="sst2: first N evaluation rows")
     p.add_argument("--tokens", type=int_at_least(2), default=8192, help="lm: perplexity tokens (default 8192)")
@@ -59,7 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
     p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
     p.add_argument("--max-minutes", type=positive_float, default=None,
-                   help="stop training after this many wall-clock minutes (schedule still follows --max-steps)")
+                   help="stop training after this many wall-clock minutes; the LR schedule ends there too when "
+                        "the clock comes before --max-steps")
     add_device_flag(p, "where Hugging Face Trainer trains: cpu (its use_cpu), cuda (every visible GPU, as Trainer "
                        "does; pick one with CUDA_VISIBLE_DEVICES) or mps")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "licenses_corpus",
-           "default_ood_corpora", "default_calibration_corpus", "MIX", "MIX_CHUNK", "PYDOC", "PYDOC_NAME", "LICENSES"]
+           "vim_manual_corpus", "default_ood_corpora", "default_calibration_corpus", "MIX", "MIX_CHUNK", "PYDOC", "PYDOC_NAME",
+           "LICENSES", "VIM_MANUAL"]
 
 MIX = "mix"  # the name load_corpus / --data / --calibration give the built-in mix
 MIX_CHUNK = 1024  # characters per chunk of the mix: about one 256-token training window
@@ -23,6 +24,8 @@ LICENSES = "licenses"  # the name load_corpus / --ood-data / --text give the lic
 # repeat GPL-3 and LGPL-3 nearly word for word). Legal English: no mpokit corpus or mix holds any of it.
 LICENSE_DIR = Path("/usr/share/common-licenses")
 LICENSE_FILES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0", "LGPL-3")
+VIM_MANUAL = "vim-manual"  # the name load_corpus / --ood-data / --text give the Vim user manual (vim_manual_corpus)
+VIM_DOCS = Path("/usr/share/vim")  # vim-runtime's help files live in vimNN/doc/ under it
 
 
 @dataclass
@@ -32,17 +35,19 @@ class Corpus:
 
 
 def load_corpus(text_file: str | None = None, dataset: str | None = None) -> Corpus:
-    """A text file, the built-in mix ("mix", see mix_corpus), the licence texts ("licenses"), the pydoc corpus
-    ("pydoc", also the default), a Hugging Face dataset
+    """A text file, the built-in mix ("mix", see mix_corpus), the licence texts ("licenses"), the Vim user manual
+    ("vim-manual"), the pydoc corpus ("pydoc", also the default), a Hugging Face dataset
     ("name[:config[:split]]"), or the offline default.
 
     The default is the pydoc topics text that ships with CPython, so nothing is downloaded.
-    A file literally named "mix", "licenses" or "pydoc" is read as ./mix and so on.
+    A file literally named "mix", "licenses", "vim-manual" or "pydoc" is read as ./mix and so on.
     """
     if text_file == MIX:
         return mix_corpus()
     if text_file == LICENSES:
         return licenses_corpus()
+    if text_file == VIM_MANUAL:
+        return vim_manual_corpus()
     if text_file == PYDOC:
         return _pydoc_corpus()
     if text_file:
@@ -102,6 +107,21 @@ def licenses_corpus(folder: Path | None = None) -> Corpus:
         raise FileNotFoundError(f"missing licence texts {missing} in {folder} (Debian's base-files package)")
     text = "\n\n".join((folder / n).read_text(encoding="utf-8", errors="replace") for n in LICENSE_FILES)
     return Corpus(text, f"{LICENSES}: {folder} ({', '.join(LICENSE_FILES)})")
+
+
+def vim_manual_corpus(folder: Path | None = None) -> Corpus:
+    """The Vim user manual (usr_*.txt of the newest vimNN/doc under `folder`, default VIM_DOCS; about 160k
+    SmolLM2 tokens of task-oriented prose about an editor), offline wherever the vim-runtime package is
+    installed. No mpokit mix or default holds it: bench_recovery chooses recipes on it (a validation text),
+    so that the licence texts stay a test text nobody tuned for."""
+    folder = VIM_DOCS if folder is None else Path(folder)
+    docs = sorted(folder.glob("vim*/doc"))
+    files = sorted(docs[-1].glob("usr_*.txt")) if docs else []
+    if not files:
+        raise FileNotFoundError(f"missing the Vim user manual (vim*/doc/usr_*.txt) under {folder} (the vim-runtime "
+                                "package)")
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return Corpus(text, f"{VIM_MANUAL}: {docs[-1]}/usr_*.txt ({len(files)} files)")
 
 
 def default_calibration_corpus() -> Corpus:

@@ -54,7 +54,7 @@ class FinetuneOptions:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_accum: int = 1
-    max_minutes: float | None = None  # stop training at this wall-clock budget (the schedule keeps max_steps)
+    max_minutes: float | None = None  # wall-clock budget: training and the LR schedule end there (or at max_steps)
     use_cpu: bool | None = None  # Trainer's use_cpu; None: the CPU only when CUDA is not available
 
     def __post_init__(self) -> None:

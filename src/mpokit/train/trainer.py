@@ -34,9 +34,18 @@ def _trainer_cls():
     class LossTrainer(Trainer):
         """Trainer whose loss may be replaced by `loss_fn(model, inputs) -> scalar` (distillation)."""
 
-        def __init__(self, *a, loss_fn: Callable | None = None, **kw):
+        def __init__(self, *a, loss_fn: Callable | None = None, time_budget_s: float | None = None, **kw):
             super().__init__(*a, **kw)
             self.loss_fn = loss_fn
+            self.time_budget_s = time_budget_s
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            fresh = self.lr_scheduler is None
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            if fresh and self.time_budget_s and hasattr(scheduler, "lr_lambdas"):
+                _fit_schedule_to_time(scheduler, num_training_steps, self.args.get_warmup_steps(num_training_steps),
+                                      self.time_budget_s)
+            return scheduler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.loss_fn is None:
@@ -45,6 +54,23 @@ def _trainer_cls():
             return (loss, outputs) if return_outputs else loss
 
     return LossTrainer
+
+
+def _fit_schedule_to_time(scheduler, num_steps: int, warmup_steps: int, budget_s: float) -> None:
+    """Make a LambdaLR end with the time budget when that comes before num_steps: after warmup, each lambda
+    sees max(step, elapsed / budget * num_steps), so a run the clock will stop still anneals (cosine and
+    linear reach 0 at the limit), and a run that finishes its steps in time follows its steps unchanged."""
+    start = time.perf_counter()
+    lambdas = list(scheduler.lr_lambdas)
+
+    def timed(f):
+        def lr_lambda(step):
+            if step < warmup_steps:
+                return f(step)
+            return f(max(step, min(1.0, (time.perf_counter() - start) / budget_s) * num_steps))
+        return lr_lambda
+
+    scheduler.lr_lambdas = [timed(f) for f in lambdas]
 
 
 def __getattr__(name):  # lazy: importing transformers' Trainer costs seconds
@@ -69,8 +95,8 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         must verify): Trainer restores weights, optimizer, scheduler, RNG states and the data position.
     callbacks: transformers TrainerCallbacks (e.g. one that stops early, to simulate an interruption).
     use_cpu: train on the CPU even where CUDA is available (None: the CPU only when it is not).
-    max_minutes: wall-clock training budget; training stops at the first step past it (the LR schedule
-        still follows max_steps, so pick max_steps that fits the budget for a complete schedule).
+    max_minutes: wall-clock training budget; training stops at the first step past it, and the LR schedule
+        ends there too when the clock comes before max_steps (so max_steps may be an upper bound).
     """
     from transformers import TrainingArguments
 
@@ -107,7 +133,7 @@ def fit(model: nn.Module, dataset, out_dir: str, *, max_steps: int, batch_size: 
         remove_unused_columns=False, dataloader_num_workers=0,
     )
     trainer = _trainer_cls()(model=model, args=args, train_dataset=dataset, data_collator=collator, loss_fn=loss_fn,
-                                 callbacks=callbacks)
+                             callbacks=callbacks, time_budget_s=60 * max_minutes if max_minutes else None)
     if resume and _global_step(Path(resume)) >= max_steps:
         # A finished run: Trainer would take one step past max_steps; load its weights instead.
         from transformers.trainer_callback import TrainerState
