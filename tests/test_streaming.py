@@ -110,6 +110,49 @@ def test_streamed_compression_is_identical_to_in_memory(saved, method, monkeypat
         assert torch.equal(got[k], v), k
 
 
+@pytest.mark.parametrize("method", ["mpo", "gptq"])
+def test_activations_offloaded_to_disk_give_the_same_model_and_leave_the_folder_as_it_was(saved, method, tmp_path,
+                                                                                          monkeypatch):
+    """--offload-dir: the carried hidden states (and the sensitivity pass's per-block states) go through files in
+    a private subfolder; the result is bit-identical, the files existed while it ran, and only they are removed."""
+    from safetensors.torch import save_file
+
+    from mpokit.calibration import activations
+
+    model, path = saved
+    kwargs = {"batches": _batches(), "progress": False}
+    mpokit.compress_(model, CONFIGS[method](), **kwargs)
+    streamed = load_streamed(path, AutoModelForCausalLM)
+    folder = tmp_path / "offload"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("the user's file", encoding="utf-8")
+    written = []
+    real = save_file
+    monkeypatch.setattr("safetensors.torch.save_file", lambda d, f, *a, **k: written.append(f) or real(d, f, *a, **k))
+    with mpokit.offload_activations(folder) as private:
+        assert activations.offload_folder() == private and private.parent == folder
+        mpokit.compress_(streamed, CONFIGS[method](), **kwargs)
+    assert activations.offload_folder() is None
+    assert written and all(str(private) in f for f in written)  # every carried set went to disk
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # its own subfolder gone, the user's file kept
+    detach_offload(streamed)
+    expected, got = model.state_dict(), streamed.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_offload_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from mpokit.cli.main import main
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x", encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--method", "quant", "--offload-dir", str(not_a_folder), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--offload-dir" in err[0] and not (tmp_path / "o").exists()
+
+
 class _WholeModelOnly(mpokit.MPOConfig):
     """A method that declares it reads the whole model (MPOConfig's handler, not streamable)."""
 

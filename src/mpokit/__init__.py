@@ -3,6 +3,7 @@
 The public API, as torchao keeps it: the in-place entry points, save/load, the calibration input
 (`mpokit.Calibration`) and every registered method config (`mpokit.AwareConfig`, `mpokit.GPTQConfig`, ...).
 """
+from mpokit.calibration.activations import offload_activations
 from mpokit.data import Calibration
 from mpokit.io import load_compressed, load_model, save_compressed
 from mpokit.layers import MPOEmbedding, MPOLinear
@@ -14,6 +15,6 @@ from mpokit.version import __version__
 # Every registered config by its class name: a new method package needs no line here.
 globals().update({cls.__name__: cls for cls in METHODS.values()})
 
-__all__ = ["__version__", "compress_", "Calibration", "unload_", "save_compressed", "load_compressed", "load_model",
+__all__ = ["__version__", "compress_", "Calibration", "offload_activations", "unload_", "save_compressed", "load_compressed", "load_model",
            "MPOLinear", "MPOEmbedding", "MethodConfig", "Report", "get_method", "method_names",
            *sorted(cls.__name__ for cls in METHODS.values())]

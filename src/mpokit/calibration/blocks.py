@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.calibration.activations import Activations
 from mpokit.calibration.stats import GramAccumulator, InputStats
 from mpokit.surgery.offload import input_device, resident
 from mpokit.surgery.targets import find_blocks
@@ -26,12 +27,15 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model, blocks, batches) -> list[tuple[torch.Tensor, dict]]:
-    captured = []
+def capture_block_inputs(model, blocks, batches) -> tuple[Activations, list[dict]]:
+    """The first block's input hidden states (one per batch; on disk under offload_activations) and the keyword
+    arguments the model passes every block (masks, position embeddings: small, kept in memory)."""
+    hiddens, kwargs_list = Activations(), []
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        hiddens.append(hidden.detach())
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 
     # prepend: stop before a streamed model's own hook would load block 0 just to be interrupted
@@ -45,7 +49,7 @@ def capture_block_inputs(model, blocks, batches) -> list[tuple[torch.Tensor, dic
                 pass
     finally:
         handle.remove()
-    return captured
+    return hiddens, kwargs_list
 
 
 def run_block(block, hidden, kwargs) -> torch.Tensor:
@@ -53,24 +57,27 @@ def run_block(block, hidden, kwargs) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _block_pass(model, block, local, inputs, ref_inputs, tokens, on_block, i):
-    """One block: its layers' Grams (and reference cross Grams), on_block, and the block's outputs."""
+def _block_pass(model, block, local, hiddens, kwargs_list, ref_hiddens, tokens, on_block, i):
+    """One block: its layers' Grams (and reference cross Grams), on_block, and the block's outputs
+    (Activations; the reference outputs None without a reference stream)."""
     acc = GramAccumulator(model, local)
-    outputs, ref_outputs = [], []
+    outputs = Activations()
+    ref_outputs = Activations() if ref_hiddens is not None else None
     try:
-        for k, (hidden, kwargs) in enumerate(inputs):
-            if ref_inputs is not None:  # original block on original inputs: record layer inputs
+        for k, kwargs in enumerate(kwargs_list):
+            if ref_hiddens is not None:  # original block on original inputs: record layer inputs
                 acc.new_forward()
                 acc.recording = {}
-                ref_outputs.append(run_block(block, ref_inputs[k][0], kwargs))
+                ref_outputs.append(run_block(block, ref_hiddens[k], kwargs))
                 acc.reference, acc.recording = acc.recording, None
             acc.new_forward()
-            outputs.append(run_block(block, hidden, kwargs))
+            outputs.append(run_block(block, hiddens[k], kwargs))
     finally:
         acc.detach()
     acc.stats.tokens = tokens
     if local and on_block(i, local, acc.stats):
-        outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in inputs]
+        outputs.release()
+        outputs = Activations(run_block(block, hiddens[k], kwargs) for k, kwargs in enumerate(kwargs_list))
     return outputs, ref_outputs
 
 
@@ -88,8 +95,8 @@ def stream_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor
     Returns the names that lie outside the blocks (the caller handles those another way).
     """
     prefix, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks, batches)
-    ref_inputs = list(inputs) if reference else None
+    hiddens, kwargs_list = capture_block_inputs(model, blocks, batches)
+    ref_hiddens = hiddens if reference else None  # both streams start from the same inputs
     tokens = sum(b.numel() for b in batches)
     inside = set()
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
@@ -97,8 +104,12 @@ def stream_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor
         local = [n for n in names if n.startswith(block_prefix)]
         inside.update(local)
         with resident(model, block):  # a streamed model loads this block now and drops it after
-            outputs, ref_outputs = _block_pass(model, block, local, inputs, ref_inputs, tokens, on_block, i)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs)]
-        if ref_inputs is not None:
-            ref_inputs = [(out, kwargs) for out, (_, kwargs) in zip(ref_outputs, ref_inputs)]
+            outputs, ref_outputs = _block_pass(model, block, local, hiddens, kwargs_list, ref_hiddens, tokens,
+                                               on_block, i)
+        for used in {id(s): s for s in (hiddens, ref_hiddens) if s is not None}.values():
+            used.release()
+        hiddens, ref_hiddens = outputs, ref_outputs
+    hiddens.release()
+    if ref_hiddens is not None:
+        ref_hiddens.release()
     return [n for n in names if n not in inside]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mpokit.calibration.activations import Activations
 from mpokit.calibration.blocks import capture_block_inputs, run_block
 from mpokit.surgery.offload import resident
 from mpokit.surgery.targets import find_blocks
@@ -83,23 +84,29 @@ def blockwise_backward(model: nn.Module, batches: list[torch.Tensor], progress: 
     Gradient hooks that callers put on layers fire as in a whole-model backward (parameters
     should be frozen: only activation gradients are computed)."""
     _, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks, batches)
-    states, as_tuple = [], False
+    hiddens, kwargs_list = capture_block_inputs(model, blocks, batches)
+    states, as_tuple = [], False  # states[i]: block i's inputs (Activations: on disk under offload_activations)
     with torch.no_grad():
         for block in tqdm(blocks, desc="sensitivity: forward", disable=not progress):
-            states.append([h for h, _ in inputs])
+            states.append(hiddens)
+            hiddens = Activations()
             with resident(model, block):
-                outs = [block(h, **kw) for h, kw in inputs]
-            as_tuple = isinstance(outs[0], (tuple, list))
-            inputs = [(o[0] if as_tuple else o, kw) for o, (_, kw) in zip(outs, inputs)]
-    device = inputs[0][0].device
+                for k, kw in enumerate(kwargs_list):
+                    out = block(states[-1][k], **kw)
+                    as_tuple = isinstance(out, (tuple, list))
+                    hiddens.append(out[0] if as_tuple else out)
+    last = list(hiddens)
+    hiddens.release()
+    device = last[0].device
     with torch.enable_grad():
-        grads = _head_gradients(model, blocks, [b.to(device) for b in batches], [h for h, _ in inputs], as_tuple)
+        grads = _head_gradients(model, blocks, [b.to(device) for b in batches], last, as_tuple)
+        del last
         for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc="sensitivity: backward",
                       disable=not progress):
             with resident(model, blocks[i]):
-                for k, (_, kw) in enumerate(inputs):
+                for k, kw in enumerate(kwargs_list):
                     x = states[i][k].detach().requires_grad_()
                     torch.autograd.backward(run_block(blocks[i], x, kw), grads[k])
                     grads[k] = x.grad
+            states[i].release()
             states[i] = None

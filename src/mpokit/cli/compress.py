@@ -29,6 +29,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model before compressing (default: methods that can read one decoder block "
                         "at a time do so, from a safetensors folder or the embedded model, and hold one block)")
+    p.add_argument("--offload-dir", default=None,
+                   help="keep the calibration activations carried from block to block (and the sensitivity pass's "
+                        "per-block states) on disk in a private folder under this one, removed at the end "
+                        "(default: in memory)")
     p.add_argument("--out", required=True, help="output folder (written atomically; a new or empty folder)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is an existing mpokit checkpoint")
     p.add_argument("--max-shard-size", default="2GB",
@@ -38,7 +42,17 @@ def add_arguments(p) -> None:
     add_report_flag(p)
 
 
+def _check_offload_dir(folder: str | None) -> None:
+    from pathlib import Path
+
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise NotADirectoryError(f"expected --offload-dir to be a folder, got the file {folder}")
+
+
 def run(args) -> int:
+    from contextlib import nullcontext
+
+    from mpokit.calibration.activations import offload_activations
     from mpokit.data import Calibration
     from mpokit.eval.size import param_bytes, peak_rss_mb
     from mpokit.io.checkpoint import check_save_path, save_compressed, shard_size
@@ -55,6 +69,7 @@ def run(args) -> int:
     # --calibration TEXT, else the default (the mix; the pydoc corpus without the data folder); the report names it
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
+    _check_offload_dir(args.offload_dir)
     shard_size(args.max_shard_size)
     check_report(args)
     device = resolve_device(args.device)
@@ -67,14 +82,15 @@ def run(args) -> int:
         loaded.model.to(device)
     start = time.perf_counter()
     kwargs = {"tokenizer": loaded.tokenizer, "calibration": calibration} if calibration else {}
-    report = compress_(loaded.model, config, **kwargs)
+    with offload_activations(args.offload_dir) if args.offload_dir else nullcontext():
+        report = compress_(loaded.model, config, **kwargs)
     detach_offload(loaded.model)  # a streamed model: the weights no block pass replaced are read now
     seconds = time.perf_counter() - start
     loaded.model.to("cpu")
     peak = peak_rss_mb()  # load + compression (the save below streams tensors already in memory)
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
            "seconds": seconds, "device": str(device), "streamed": loaded.streamed,
-           "calibration": calibration.name if calibration else None,
+           "calibration": calibration.name if calibration else None, "offload_dir": args.offload_dir,
            "peak_rss_mb": peak, "model_mb": model_mb, "peak_rss_x_model": peak / model_mb if peak else None}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
                     overwrite=args.overwrite, protect=[args.model, loaded.path], max_shard_size=args.max_shard_size)
