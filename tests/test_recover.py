@@ -350,3 +350,19 @@ def test_data_defaults_to_the_mix_for_lm_and_the_shared_sst2_folder(tmp_path, mo
     sst2 = FinetuneOptions(model=None, method="full", task="sst2", data=None, max_steps=1, out=str(tmp_path / "o"))
     named = FinetuneOptions(model=None, method="recover", task="lm", data="t.txt", max_steps=1, out=str(tmp_path))
     assert (lm.data, sst2.data, named.data) == ("mix", str(tmp_path / "sst2"), "t.txt")
+
+
+def test_max_steps_may_be_left_to_the_clock_but_not_for_a_phased_method():
+    """--max-minutes alone: the clock ends training (max_steps becomes an upper bound nobody reaches); neither
+    is refused, and so is MPOP dimension squeezing (it splits its steps over several runs)."""
+    from mpokit.methods.mpop.config import MPOPConfig
+    from mpokit.train.recipes import CLOCK_ONLY_STEPS, FinetuneOptions
+
+    base = dict(model=None, method="recover", task="lm", data="mix", out="/tmp/unused")
+    assert FinetuneOptions(**base, max_steps=None, max_minutes=15).max_steps == CLOCK_ONLY_STEPS
+    assert FinetuneOptions(**base, max_steps=48, max_minutes=15).max_steps == 48  # negative control
+    with pytest.raises(ValueError, match="expected --max-steps or --max-minutes"):
+        FinetuneOptions(**base, max_steps=None)
+    with pytest.raises(ValueError, match="splits its steps"):
+        FinetuneOptions(**{**base, "method": MPOPConfig(squeeze_bond=4)}, max_steps=None, max_minutes=15)
+    assert not MPOPConfig().trains_in_phases  # without squeezing MPOP is one run

@@ -24,7 +24,9 @@ def add_arguments(p) -> None:
                    help="lm: training text file, or 'mix' (the default: WikiText-2 valid, Python docs and SST-2 "
                         "sentences, interleaved); sst2: folder with train.tsv/dev.tsv (default: the shared data "
                         "folder's sst2/)")
-    p.add_argument("--max-steps", type=positive_int, required=True)
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="optimizer steps (may be left out with --max-minutes: the clock alone ends training and "
+                        "the schedule)")
     p.add_argument("--out", required=True, help="output folder (Trainer checkpoints + model/)")
     p.add_argument("--json", default=None, help="write results as JSON here")
     p.add_argument("--batch-size", type=positive_int, default=8)

@@ -63,6 +63,11 @@ class FinetuneConfig(MethodConfig):
         model.requires_grad_(True)
         return Prepared(model)
 
+    @property
+    def trains_in_phases(self) -> bool:
+        """True where train() splits ctx.max_steps over several Trainer runs (so it needs a step count)."""
+        return False
+
     def train(self, prepared: Prepared, ctx: TrainContext) -> TrainOutcome:
         """One Trainer run for ctx.max_steps (a method with a schedule of its own overrides this)."""
         return TrainOutcome(ctx.fit(prepared.model, max_steps=ctx.max_steps, loss_fn=prepared.loss_fn))

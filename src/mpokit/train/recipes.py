@@ -23,6 +23,7 @@ from mpokit.methods.finetune import FinetuneConfig, TrainContext
 __all__ = ["FinetuneOptions", "finetune", "TASKS"]
 
 TASKS = ("lm", "sst2")
+CLOCK_ONLY_STEPS = 10**6  # max_steps None with max_minutes: the clock alone ends training (and the schedule)
 
 
 @dataclass
@@ -31,7 +32,7 @@ class FinetuneOptions:
     method: FinetuneConfig | str  # a name: that method with its defaults
     task: str
     data: str | None  # None: lm the built-in mix ("mix"), sst2 the shared data folder's sst2/
-    max_steps: int
+    max_steps: int | None  # None: CLOCK_ONLY_STEPS, with max_minutes
     out: str
     batch_size: int = 8
     lr: float | None = None  # None: per-method default
@@ -64,6 +65,13 @@ class FinetuneOptions:
             self.method = get_method(self.method, "finetune")()
         if not isinstance(self.method, FinetuneConfig):
             raise ValueError(f"expected a fine-tuning method config, got {type(self.method).__name__}")
+        if self.max_steps is None:
+            if self.max_minutes is None:
+                raise ValueError("expected --max-steps or --max-minutes (or both), got neither")
+            if self.method.trains_in_phases:
+                raise ValueError(f"expected --max-steps for --method {self.method.method} with these options (it "
+                                 "splits its steps over several runs), got only --max-minutes")
+            self.max_steps = CLOCK_ONLY_STEPS
         check_ints(self, 1, ["max_steps", "batch_size", "grad_accum"])
         check_ints(self, 2, ["seq_len", "eval_tokens", "context"])
         check_ints(self, 0, ["warmup_steps", "seed"])

@@ -61,6 +61,10 @@ class MPOPConfig(SelectiveFinetuneConfig):
         train_only_(model, [*cores, *ctx.head])
         return Prepared(model, info={"selected": chosen, "selection": record})
 
+    @property
+    def trains_in_phases(self) -> bool:
+        return bool(self.squeeze_bond)  # one run per squeeze cut, each max_steps / squeeze_steps long
+
     def train(self, prepared: Prepared, ctx: TrainContext) -> TrainOutcome:
         if not self.squeeze_bond:
             return super().train(prepared, ctx)
