@@ -13,8 +13,8 @@ none tuned on; first --tokens tokens of each, windows of --context; ratios are a
     licenses   the licence texts (legal English, near nothing in the mix: the clean out-of-domain check)
 The table ends with the recipe chosen on validation: the smallest worse-of-the-two validation ratio (the
 issue's targets bound both texts, so the rule bounds both). The checkpoint is
-made once if missing (`mpokit compress --budget B --calibration WikiText-2 valid`, mpokit's default method:
-the README main job's checkpoint) and reused.
+made once if missing (`mpokit compress --budget B [--calibration TEXT]`, mpokit's default method and, without
+--calibration, its default calibration, the mix) and reused.
 
 Recipes (--recipes, comma list; each stops at --minutes, where its cosine schedule ends too, or at
 --max-steps if sooner):
@@ -26,8 +26,13 @@ Recipes (--recipes, comma list; each stops at --minutes, where its cosine schedu
   recover-kd-lm-0.25, recover-kd-lm-0.75   the same with --alpha 0.25 / 0.75 (more LM loss / more KD)
   mpop             auxiliary cores only, LM loss (MPOP, ACL 2021)
   dense-lm         control: the dense model, every weight, LM loss on --data, same lr and minutes as recover-lm
-The long run (about 6 x 15 CPU minutes of training plus evaluation):
-  python bench/bench_recovery.py --compressed out/smollm2-0.8 --minutes 15
+The long run (8 x 15 CPU minutes of training plus evaluation; two processes at once, one thread each, on the
+2-core machine, about 75 minutes; the docs table's commands):
+  python bench/bench_recovery.py --compressed out/smollm2-0.8-mix --recipes recover-kd-lm,recover-kd,recover-lm,mpop \
+      --minutes 15 --threads 1 --out results/bench_recovery_valid_A.json
+  python bench/bench_recovery.py --compressed out/smollm2-0.8-mix \
+      --recipes recover-kd-lm-0.25,recover-kd-lm-0.75,recover-kd-lora,dense-lm --minutes 15 --threads 1 \
+      --out results/bench_recovery_valid_B.json
 A smoke run (minutes on 2 CPU cores; never into results/):
   python bench/bench_recovery.py --compressed /tmp/rec/mpo-0.8 --calibration-tokens 512 --minutes 0.5 \\
       --max-steps 2 --tokens 1024 --context 256 --seq-len 64 --batch-size 2 --out /tmp/bench_recovery_smoke.json
@@ -110,10 +115,9 @@ def score(spec, texts, args) -> dict:
 def _compress_if_missing(ckpt: Path, args) -> None:
     if ckpt.exists():
         return
-    from mpokit.train.data import shared_data_dir
-
-    cmd = [sys.executable, "-m", "mpokit", "compress", "--budget", str(args.budget), "--calibration",
-           str(shared_data_dir() / "wikitext-2" / "valid.txt"), "--out", str(ckpt)]
+    cmd = [sys.executable, "-m", "mpokit", "compress", "--budget", str(args.budget), "--out", str(ckpt)]
+    if args.calibration:
+        cmd += ["--calibration", args.calibration]
     if args.method:
         cmd += ["--method", args.method]
     if args.calibration_tokens:
@@ -165,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "mpokit compress's default)")
     p.add_argument("--budget", type=float, default=0.8)
     p.add_argument("--calibration-tokens", type=int, default=None, help="when compressing (default: compress's)")
+    p.add_argument("--calibration", default=None, help="calibration text when compressing (default: compress's, the "
+                                                       "mix; the README main job: ../shared/data/wikitext-2/valid.txt)")
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma list of {sorted(RECIPES)}")
     p.add_argument("--data", default="mix", help="tuning text: a file or 'mix' (the default)")
     p.add_argument("--max-steps", type=int, default=1000,
