@@ -22,6 +22,10 @@ from mpokit.methods.mpop.core import mpo_linears, mpop_
 __all__ = ["RecoverConfig", "LOSSES", "TRAINABLE"]
 
 LOSSES = ("kd", "lm")
+# 3/4 distillation, 1/4 LM loss: chosen on validation texts only (the held-out tail of the mix and the Vim user
+# manual) among 0, 0.25, 0.5, 0.75 and 1 (docs/benchmarks/finetune.md, bench/bench_recovery.py); the LM loss
+# lets the student also learn plain text, which the instruct teacher models less well than it could
+DEFAULT_ALPHA = 0.75
 TRAINABLE = ("cores", "aux", "lora")
 
 
@@ -30,7 +34,7 @@ class RecoverConfig(FinetuneConfig):
     """Recovery after compression: the compressed model learns back what compression lost.
 
     loss "kd": alpha * T^2 KL(teacher || student) of the next-token distributions at temperature T
-        (+ (1 - alpha) * LM loss) + hidden_weight * relative MSE of the block outputs. The teacher is
+        + (1 - alpha) * LM loss (alpha DEFAULT_ALPHA) + hidden_weight * relative MSE of the block outputs. The teacher is
         the uncompressed model the checkpoint was made from (the source recorded in its mpokit.json)
         or `teacher`; its logits are computed per batch under no_grad.
     loss "lm": the model's own loss on the training labels (next-token loss; for sst2 the labels).
@@ -43,7 +47,8 @@ class RecoverConfig(FinetuneConfig):
     loss: str = option("kd", "recover: kd = distil from the uncompressed model, lm = plain LM loss on --data",
                        flag="--recover-loss", choices=LOSSES)
     teacher: str | None = option(None, "teacher model (same task)")
-    alpha: float = option(1.0, "KD weight, in [0, 1]", type=fraction)
+    alpha: float = option(DEFAULT_ALPHA, f"KD weight, in [0, 1] (default {DEFAULT_ALPHA}; the rest is LM loss)",
+                          type=fraction)
     temperature: float = option(1.0, "distillation temperature", type=positive_float)
     hidden_weight: float = option(0.0, "weight of the hidden-state MSE at block outputs (0: off)", flag="--hidden-mse",
                                   type=nonnegative_float)
@@ -64,7 +69,7 @@ class RecoverConfig(FinetuneConfig):
         check_number("hidden_weight", self.hidden_weight, 0)
         check_ints(self, 1, ["rank"])
         if self.loss == "lm":
-            given = [flag for flag, on in (("--teacher", bool(self.teacher)), ("--alpha", self.alpha != 1.0),
+            given = [flag for flag, on in (("--teacher", bool(self.teacher)), ("--alpha", self.alpha != DEFAULT_ALPHA),
                                            ("--temperature", self.temperature != 1.0),
                                            ("--hidden-mse", self.hidden_weight > 0)) if on]
             if given:
