@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ByteTokenizer as Tok, tiny_llama
-from mpokit.train import SST2, TextWindows, count_trainable, fit, read_sst2, shared_data_dir, train_only_
+from mpokit.train import TextWindows, count_trainable, fit, read_sst2, shared_data_dir, train_only_
 
 TEXT = "a stitch in time saves nine; many hands make light work. " * 30
 
@@ -191,8 +191,6 @@ def test_cli_finetune_lm_recover_needs_compressed_model(tmp_path):
 
 
 def test_cli_finetune_recover_compressed_checkpoint(tmp_path):
-    from transformers import AutoTokenizer
-
     from mpokit.cli.main import main
     from mpokit.io.checkpoint import save_compressed
     from mpokit.io.models import load_model
