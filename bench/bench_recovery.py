@@ -24,6 +24,7 @@ Recipes (--recipes, comma list; each stops at --minutes, where its cosine schedu
   recover-kd-aux   auxiliary cores only, distillation (not in the default list)
   recover-kd-lm    every MPO core, half distillation and half LM loss (--alpha 0.5)
   recover-kd-lm-0.25, recover-kd-lm-0.75   the same with --alpha 0.25 / 0.75 (more LM loss / more KD)
+  recover-kd-hidden  the default recover (--alpha 0.75) plus --hidden-mse 1 (block outputs matched too)
   mpop             auxiliary cores only, LM loss (MPOP, ACL 2021)
   dense-lm         control: the dense model, every weight, LM loss on --data, same lr and minutes as recover-lm
 The long run (8 x 15 CPU minutes of training plus evaluation; two processes at once, one thread each, on the
@@ -60,6 +61,7 @@ RECIPES = {
     "recover-kd-lm-0.25": ("compressed", "recover", {"alpha": 0.25}, 1e-4),
     "recover-kd-lm": ("compressed", "recover", {"alpha": 0.5}, 1e-4),
     "recover-kd-lm-0.75": ("compressed", "recover", {"alpha": 0.75}, 1e-4),
+    "recover-kd-hidden": ("compressed", "recover", {"hidden_weight": 1.0}, 1e-4),
     "mpop": ("compressed", "mpop", {}, 3e-4),
     "dense-lm": ("dense", "full", {}, 1e-4),
 }
