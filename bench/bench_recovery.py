@@ -19,9 +19,9 @@ made once if missing (`mpokit compress --budget B [--calibration TEXT]`, mpokit'
 Recipes (--recipes, comma list; each stops at --minutes, where its cosine schedule ends too, or at
 --max-steps if sooner):
   recover-lm       every MPO core, LM loss on --data (`recover` before issue 18)
-  recover-kd       every MPO core, distillation from the dense model (today's default `recover`)
-  recover-kd-lora  LoRA rank 16 on the frozen MPO layers, distillation, merged into the cores at the end
-  recover-kd-aux   auxiliary cores only, distillation (not in the default list)
+  recover-kd       every MPO core, pure distillation from the dense model (--alpha 1; the stop-25 default)
+  recover-kd-lora  LoRA rank 16 on the frozen MPO layers, pure distillation, merged into the cores at the end
+  recover-kd-aux   auxiliary cores only, pure distillation (not in the default list)
   recover-kd-lm    every MPO core, half distillation and half LM loss (--alpha 0.5)
   recover-kd-lm-0.25, recover-kd-lm-0.75   the same with --alpha 0.25 / 0.75 (more LM loss / more KD)
   recover-kd-hidden  the default recover (--alpha 0.75) plus --hidden-mse 1 (block outputs matched too)
@@ -55,12 +55,12 @@ DEFAULT_RECIPES = "recover-lm,recover-kd-lm-0.25,recover-kd-lm,recover-kd-lm-0.7
 # LM-loss probe (docs/benchmarks/finetune.md); the distillation and LoRA rates are not tuned.
 RECIPES = {
     "recover-lm": ("compressed", "recover", {"loss": "lm"}, 1e-4),
-    "recover-kd": ("compressed", "recover", {}, 1e-4),
-    "recover-kd-lora": ("compressed", "recover", {"trainable": "lora", "rank": 16}, 1e-3),
-    "recover-kd-aux": ("compressed", "recover", {"trainable": "aux"}, 3e-4),
+    "recover-kd": ("compressed", "recover", {"alpha": 1.0}, 1e-4),
+    "recover-kd-lora": ("compressed", "recover", {"alpha": 1.0, "trainable": "lora", "rank": 16}, 1e-3),
+    "recover-kd-aux": ("compressed", "recover", {"alpha": 1.0, "trainable": "aux"}, 3e-4),
     "recover-kd-lm-0.25": ("compressed", "recover", {"alpha": 0.25}, 1e-4),
     "recover-kd-lm": ("compressed", "recover", {"alpha": 0.5}, 1e-4),
-    "recover-kd-lm-0.75": ("compressed", "recover", {"alpha": 0.75}, 1e-4),
+    "recover-kd-lm-0.75": ("compressed", "recover", {"alpha": 0.75}, 1e-4),  # the default recover
     "recover-kd-hidden": ("compressed", "recover", {"hidden_weight": 1.0}, 1e-4),
     "mpop": ("compressed", "mpop", {}, 3e-4),
     "dense-lm": ("dense", "full", {}, 1e-4),
