@@ -169,7 +169,28 @@ def detach_offload(model: nn.Module) -> None:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where token ids go: a streamed model's device (its first parameter may still be on meta), else
-    the device of its first parameter."""
+    """Where token ids go: a streamed model's device (its first parameter may still be on meta); for a model
+    accelerate dispatched with its first weights on disk (meta here), the execution device of the accelerate
+    hook that loads them; else the device of its first parameter."""
     off = offload_of(model)
-    return off.device if off is not None else next(model.parameters()).device
+    if off is not None:
+        return off.device
+    name, first = next(model.named_parameters())
+    if first.device.type == "meta":
+        hooked = _hook_execution_device(model, name)
+        if hooked is not None:
+            return hooked
+    return first.device
+
+
+def _hook_execution_device(model: nn.Module, param_name: str) -> torch.device | None:
+    """The execution_device of the nearest accelerate hook (AlignDevicesHook, or one inside a SequentialHook)
+    on the module holding `param_name` or one of its parents; None where there is none."""
+    parts = param_name.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:depth])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return None
