@@ -85,6 +85,8 @@ CONFIGS = {
     "mixed": lambda: mpokit.MixedConfig(bits_per_weight=4.0, group_size=16, fisher_tokens=96),
     "moefication-refit": lambda: mpokit.MoEficationRefitConfig(num_experts=4, top_k=1, shared_experts=1, router_steps=5),
     "mpoe": lambda: mpokit.MPOEConfig(num_experts=2, top_k=1, max_bond=4, noise=0.01),
+    "share": lambda: mpokit.ShareConfig(groups=2, max_bond=4),
+    "share-all-budget": lambda: mpokit.ShareConfig(budget=0.5, sweeps=2),
     "mpoe-dense-experts": lambda: mpokit.MPOEConfig(num_experts=2, top_k=1, expert_type="dense", noise=0.01),
 }
 

@@ -26,6 +26,7 @@ class ShareConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "share"
+    streamable: ClassVar[bool] = True  # a streamed model loads one group of layers of one weight type at a time
     groups: int = option(0, "layers per group sharing a central core (1 = none, 0 = all)", type=int)
     max_bond: int | None = None
     budget: float | None = None
@@ -42,3 +43,4 @@ class ShareConfig(MethodConfig):
         if self.budget is not None:
             check_number("budget", self.budget, 0, 1, low_open=True)
         check_choice("init", self.init, ("mean", "first"))
+        check_choice("forward_mode", self.forward_mode, FORWARD_MODES)
