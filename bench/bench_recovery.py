@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPES = "recover-lm,recover-kd-lm-0.25,recover-kd-lm,recover-kd-lm-0.75,recover-kd,recover-kd-lora,mpop,dense-lm"
+DEFAULT_RECIPES = ",".join(["recover-lm", "recover-kd-lm-0.25", "recover-kd-lm", "recover-kd-lm-0.75", "recover-kd",
+                            "recover-kd-lora", "mpop", "dense-lm"])
 # recipe -> (tuned model: compressed or dense, method, config options, lr). recover's 1e-4 came from a 12-step
 # LM-loss probe (docs/benchmarks/finetune.md); the distillation and LoRA rates are not tuned.
 RECIPES = {
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
         chosen = chosen_on_validation(rows)
         if chosen is not None:
             print(f"chosen on validation (smallest worse-of valid_mix_x_dense, valid_vim_x_dense): {chosen['recipe']}")
-        write_json(args.out, {"settings": settings, "compressed": str(ckpt), "texts": {k: v[1] for k, v in texts.items()},
+        write_json(args.out, {"settings": settings, "compressed": str(ckpt),
+                              "texts": {k: v[1] for k, v in texts.items()},
                               "validation": list(VALIDATION_KEYS), "test": list(TEST_KEYS),
                               "chosen_on_validation": chosen and chosen["recipe"], "dense": dense,
                               "rows": rows})  # after each recipe: partial runs survive

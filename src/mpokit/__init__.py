@@ -15,6 +15,6 @@ from mpokit.version import __version__
 # Every registered config by its class name: a new method package needs no line here.
 globals().update({cls.__name__: cls for cls in METHODS.values()})
 
-__all__ = ["__version__", "compress_", "Calibration", "offload_activations", "unload_", "save_compressed", "load_compressed", "load_model",
-           "MPOLinear", "MPOEmbedding", "MethodConfig", "Report", "get_method", "method_names",
+__all__ = ["__version__", "compress_", "Calibration", "offload_activations", "unload_", "save_compressed",
+           "load_compressed", "load_model", "MPOLinear", "MPOEmbedding", "MethodConfig", "Report", "get_method", "method_names",
            *sorted(cls.__name__ for cls in METHODS.values())]

@@ -9,8 +9,6 @@ a batch's states, not the set's.
 from __future__ import annotations
 
 import itertools
-import shutil
-import tempfile
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -32,19 +30,16 @@ def offload_folder() -> Path | None:
 def offload_activations(folder: str | Path):
     """Keep calibration activations on disk under `folder` (created if missing) while the block is open.
 
-    They go to a fresh private subfolder (mpokit-activations-*), removed on exit with everything in it;
-    nothing else under `folder` is touched."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"expected a folder for the offloaded activations, got the file {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix="mpokit-activations-", dir=folder))
-    token = _FOLDER.set(private)
-    try:
-        yield private
-    finally:
-        _FOLDER.reset(token)
-        shutil.rmtree(private, ignore_errors=True)
+    They go to a fresh private subfolder (mpokit-activations-*, io.device_map.offload_workspace), removed on
+    exit with everything in it; nothing else under `folder` is touched."""
+    from mpokit.io.device_map import offload_workspace
+
+    with offload_workspace(folder, prefix="mpokit-activations-") as private:
+        token = _FOLDER.set(private)
+        try:
+            yield private
+        finally:
+            _FOLDER.reset(token)
 
 
 class Activations:

@@ -42,13 +42,6 @@ def add_arguments(p) -> None:
     add_report_flag(p)
 
 
-def _check_offload_dir(folder: str | None) -> None:
-    from pathlib import Path
-
-    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-        raise NotADirectoryError(f"expected --offload-dir to be a folder, got the file {folder}")
-
-
 def run(args) -> int:
     from contextlib import nullcontext
 
@@ -56,6 +49,7 @@ def run(args) -> int:
     from mpokit.data import Calibration
     from mpokit.eval.size import param_bytes, peak_rss_mb
     from mpokit.io.checkpoint import check_save_path, save_compressed, shard_size
+    from mpokit.io.device_map import check_offload_parent
     from mpokit.io.models import load_model
     from mpokit.methods.base import compress_
     from mpokit.surgery.offload import detach_offload
@@ -69,7 +63,8 @@ def run(args) -> int:
     # --calibration TEXT, else the default (the mix; the pydoc corpus without the data folder); the report names it
     calibration = Calibration.from_file(args.calibration) if needs_calibration(config) else None
     check_save_path(args.out, args.overwrite, protect=[args.model])  # refuse before spending time compressing
-    _check_offload_dir(args.offload_dir)
+    if args.offload_dir is not None:
+        check_offload_parent(args.offload_dir)
     shard_size(args.max_shard_size)
     check_report(args)
     device = resolve_device(args.device)

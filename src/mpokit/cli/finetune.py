@@ -42,8 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ood-data", action="append", default=None, metavar="TEXT",
                    help="lm: an out-of-domain text also scored, a file, 'licenses' or 'vim-manual'; repeat for "
                         "more (default: the offline pydoc corpus's first half, and the licence texts in "
-                        "/usr/share/common-licenses "
-                        "where the machine has them)")
+                        "/usr/share/common-licenses where the machine has them)")
     p.add_argument("--eval-limit", type=positive_int, default=None, help="sst2: first N evaluation rows")
     p.add_argument("--tokens", type=int_at_least(2), default=8192, help="lm: perplexity tokens (default 8192)")
     p.add_argument("--context", type=int_at_least(2), default=512, help="lm: perplexity window (default 512)")

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["Corpus", "load_corpus", "tokenize_prefix", "mix_corpus", "pydoc_first_half", "licenses_corpus",
-           "vim_manual_corpus", "default_ood_corpora", "default_calibration_corpus", "MIX", "MIX_CHUNK", "PYDOC", "PYDOC_NAME",
-           "LICENSES", "VIM_MANUAL"]
+           "vim_manual_corpus", "default_ood_corpora", "default_calibration_corpus", "MIX", "MIX_CHUNK", "PYDOC",
+           "PYDOC_NAME", "LICENSES", "VIM_MANUAL"]
 
 MIX = "mix"  # the name load_corpus / --data / --calibration give the built-in mix
 MIX_CHUNK = 1024  # characters per chunk of the mix: about one 256-token training window

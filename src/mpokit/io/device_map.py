@@ -20,7 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["STRATEGIES", "parse_max_memory", "dispatch_", "device_map_summary", "offload_workspace"]
+__all__ = ["STRATEGIES", "parse_max_memory", "dispatch_", "device_map_summary", "offload_workspace",
+           "check_offload_parent"]
 
 STRATEGIES = ("auto", "balanced", "sequential")  # accelerate's names; auto and balanced compute the same map
 _KEY = re.compile(r"cpu|mps|\d+|cuda:\d+")
@@ -120,20 +121,26 @@ def device_map_summary(model: nn.Module) -> dict | None:
     return {"modules": {name: _device_name(d) for name, d in device_map.items()}, "bytes": bytes_on}
 
 
+def check_offload_parent(parent: str | Path) -> Path:
+    """`parent` as a path, refused if it is an existing file (callers check before minutes of work)."""
+    parent = Path(parent).expanduser()
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"expected --offload-dir to be a folder, got the file {parent}")
+    return parent
+
+
 @contextlib.contextmanager
-def offload_workspace(parent: str | Path | None) -> Iterator[Path | None]:
-    """A fresh folder inside `parent` (created if missing) for offloaded weights, removed afterwards.
+def offload_workspace(parent: str | Path | None, prefix: str = "mpokit-offload-") -> Iterator[Path | None]:
+    """A fresh folder (`prefix`*) inside `parent` (created if missing) for offloaded tensors, removed afterwards.
 
     Fresh, because dispatch_model reuses an offload folder that already holds an index.json: stale
     weights of another model would be read silently. Only this folder is removed, never `parent`."""
     if parent is None:
         yield None
         return
-    parent = Path(parent).expanduser()
-    if parent.exists() and not parent.is_dir():
-        raise NotADirectoryError(f"expected --offload-dir to be a folder, got the file {parent}")
+    parent = check_offload_parent(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="mpokit-offload-", dir=parent))
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield folder
     finally:

@@ -34,9 +34,9 @@ class RecoverConfig(FinetuneConfig):
     """Recovery after compression: the compressed model learns back what compression lost.
 
     loss "kd": alpha * T^2 KL(teacher || student) of the next-token distributions at temperature T
-        + (1 - alpha) * LM loss (alpha DEFAULT_ALPHA) + hidden_weight * relative MSE of the block outputs. The teacher is
-        the uncompressed model the checkpoint was made from (the source recorded in its mpokit.json)
-        or `teacher`; its logits are computed per batch under no_grad.
+        + (1 - alpha) * LM loss (alpha DEFAULT_ALPHA) + hidden_weight * relative MSE of the block outputs.
+        The teacher is the uncompressed model the checkpoint was made from (the source recorded in its
+        mpokit.json) or `teacher`; its logits are computed per batch under no_grad.
     loss "lm": the model's own loss on the training labels (next-token loss; for sst2 the labels).
     trainable: "cores" every MPO core; "aux" the auxiliary cores only (MPOP); "lora" PEFT LoRA of
         `rank` on the frozen MPO layers, merged into the cores at the end (bonds grow).
