@@ -196,3 +196,8 @@ def test_cuda_compress_and_eval_match_cpu(root, tmp_path):
         assert (cuda_logits - cpu_logits).abs().max() <= 1e-2 * scale, method  # compressed on CUDA vs on CPU
         assert cuda_eval["device"].startswith("cuda") and cpu_eval["device"] == "cpu"
         assert cuda_eval["perplexity"] == pytest.approx(cpu_eval["perplexity"], rel=1e-2)
+
+
+def test_a_cpu_run_reports_no_device_memory(root):
+    res = json.loads((root / "compress.json").read_text())
+    assert res["device"] == "cpu" and res["peak_device_mb"] is None and res["peak_rss_mb"] > 0

@@ -22,6 +22,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # (150 KiB) only the embeddings stay in memory and the blocks go to disk.
 SMALL = {"hf": "cpu=200KiB", "ckpt": "cpu=150KiB"}
 AMPLE = "cpu=1GiB"
+GPU_BUDGET = {"hf": "0=180KiB,cpu=1GiB", "ckpt": "0=107KiB,cpu=1GiB"}
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +142,12 @@ def test_embeddings_on_disk_too_give_the_same_perplexity(root, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("model", ["hf", "ckpt"])
 def test_cuda_and_cpu_split_matches_the_cpu_run(root, tmp_path, model):
-    """GPU 0 gets 400 KiB (less the largest block that accelerate keeps free: the embeddings and one block fit),
-    the rest runs from CPU memory, moved to GPU 0 block by block by accelerate's hooks."""
+    """GPU 0 gets the embeddings and one block's worth (plus 3 KiB), the rest runs from CPU memory, moved to GPU 0
+    block by block by accelerate's hooks. Whether accelerate also keeps the largest block's room free on GPU 0
+    (1.16 here) or not (1.15 on the H200 it ran on), both devices get modules. 400 KiB held the whole model."""
     whole = evaluate(root, tmp_path / "whole.json", model, "--device", "cpu")
     placed = evaluate(root, tmp_path / "placed.json", model, "--device-map", "sequential",
-                      "--max-memory", "0=400KiB,cpu=1GiB")
+                      "--max-memory", GPU_BUDGET[model])
     devices = set(placed["device_map"]["modules"].values())
     assert "cuda:0" in devices and "cpu" in devices, placed["device_map"]
     assert placed["device"] == "cuda:0"

@@ -47,7 +47,7 @@ def run(args) -> int:
 
     from mpokit.calibration.activations import offload_activations
     from mpokit.data import Calibration
-    from mpokit.eval.size import param_bytes, peak_rss_mb
+    from mpokit.eval.size import param_bytes, peak_device_mb, peak_rss_mb
     from mpokit.io.checkpoint import check_save_path, save_compressed, shard_size
     from mpokit.io.device_map import check_offload_parent
     from mpokit.io.models import load_model
@@ -86,7 +86,8 @@ def run(args) -> int:
     out = {**report.to_dict(), "model": loaded.source, "method": args.method, "config": config.to_dict(),
            "seconds": seconds, "device": str(device), "streamed": loaded.streamed,
            "calibration": calibration.name if calibration else None, "offload_dir": args.offload_dir,
-           "peak_rss_mb": peak, "model_mb": model_mb, "peak_rss_x_model": peak / model_mb if peak else None}
+           "peak_rss_mb": peak, "model_mb": model_mb, "peak_rss_x_model": peak / model_mb if peak else None,
+           "peak_device_mb": peak_device_mb()}
     save_compressed(loaded.model, args.out, loaded.tokenizer, extra={"source": loaded.source, "report": out},
                     overwrite=args.overwrite, protect=[args.model, loaded.path], max_shard_size=args.max_shard_size)
     if args.layers:

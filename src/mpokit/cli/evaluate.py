@@ -171,7 +171,7 @@ def run(args) -> int:
 def evaluate_loaded(args, loaded, runtime, corpus, chunk, kv, lm_tasks) -> int:
     """Perplexity (with --kv-cache in the loop), sizes, then --abilities and --lm-eval; prints and writes JSON."""
     from mpokit.eval.perplexity import check_positions, perplexity
-    from mpokit.eval.size import count_params, param_bytes
+    from mpokit.eval.size import count_params, param_bytes, peak_device_mb, peak_rss_mb
 
     check_positions(loaded.model, min(args.context, args.tokens), "--context")
     factory = None
@@ -185,7 +185,8 @@ def evaluate_loaded(args, loaded, runtime, corpus, chunk, kv, lm_tasks) -> int:
         raise UserError(f"expected the text to fill more than one chunk of {chunk} tokens, got {res.tokens} tokens "
                         f"from {corpus.name}: the quantized cache was never read, so no KV figure is reported")
     out = {"model": loaded.source, **res.to_dict(), "params": count_params(loaded.model),
-           "bytes": param_bytes(loaded.model), "chunk": chunk, **runtime}
+           "bytes": param_bytes(loaded.model), "chunk": chunk, "peak_rss_mb": peak_rss_mb(),
+           "peak_device_mb": peak_device_mb(), **runtime}
     columns = ["model", "corpus", "tokens", "context", "perplexity", "params", "bytes", "seconds"]
     if factory is not None:
         out.update(kv_cache=kv.method, kv_bits=kv.bits, kv_residual=kv.residual_length, kv_config=kv.to_dict(),

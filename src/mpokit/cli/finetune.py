@@ -77,7 +77,9 @@ def trainer_use_cpu(name: str) -> bool | None:
 
 
 def run(args) -> int:
+    from mpokit.eval.size import peak_device_mb
     from mpokit.methods.presets import build_config
+    from mpokit.train.gather import is_main_process
     from mpokit.train.recipes import FinetuneOptions, finetune
 
     use_cpu = trainer_use_cpu(args.device)
@@ -91,7 +93,10 @@ def run(args) -> int:
         resume=args.resume_from or args.resume, scheduler=args.scheduler, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_minutes=args.max_minutes, use_cpu=use_cpu)
     out = finetune(opts)
+    if not is_main_process():  # under accelerate launch, rank 0 alone reports (and saved)
+        return 0
     out["device"] = str(resolve_device(args.device))  # auto: what Trainer picks too (use_cpu without CUDA)
+    out["peak_device_mb"] = peak_device_mb()
     ood = {f"ood_perplexity_{k + 1}": e for k, e in enumerate(out.get("ood") or [])}  # column -> entry
     row = {**out, **{column: e["perplexity"] for column, e in ood.items()}}
     metrics = ["accuracy"] if args.task == "sst2" else ["perplexity", *ood]

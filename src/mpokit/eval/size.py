@@ -48,6 +48,16 @@ def size_report(model: nn.Module) -> dict:
     return {"params": count_params(model), "bytes": param_bytes(model)}
 
 
+def peak_device_mb() -> float | None:
+    """Peak memory that torch allocated on the current CUDA device so far, in MiB; None without CUDA use.
+    RSS does not see accelerator memory, so a GPU run reports both."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process so far, in MiB (Linux VmHWM), None where it cannot be read.
     Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a child reports its parent's peak."""

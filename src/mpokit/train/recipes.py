@@ -242,6 +242,7 @@ def finetune(o: FinetuneOptions) -> dict:
     from mpokit.eval.size import count_params
     from mpokit.io.checkpoint import save_compressed
     from mpokit.train.data import read_text
+    from mpokit.train.gather import gather_sharded_, is_main_process
     from mpokit.train.params import count_trainable
 
     t0 = time.time()
@@ -271,7 +272,9 @@ def finetune(o: FinetuneOptions) -> dict:
     out.update(_evaluate(o, model, tok, evaluation, collator, label, ood))
     # the run owns out/model; the source it records is the teacher of a later `recover`
     source = _recorded_source(loaded) or loaded.source
-    out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, extra={"source": source},
-                                       overwrite=True))
+    out["gathered_from_shards"] = gather_sharded_(model)  # FSDP2: whole tensors before the save
+    if is_main_process():
+        out["saved"] = str(save_compressed(model, Path(o.out) / "model", tokenizer=tok, extra={"source": source},
+                                           overwrite=True))
     out["seconds"] = time.time() - t0
     return out
