@@ -8,10 +8,9 @@ from mpokit.cli.main import main
 from mpokit.layers import MPOLinear
 from mpokit.layers.moe import MoEFFN
 from mpokit.layers.mpoe import MPOEFFN
+from mpokit.layers.sparse_ffn import NeuronSparseFFN
 
 pytestmark = pytest.mark.slow
-
-
 
 
 def test_cli_moefication_one_layer(tmp_path):
@@ -46,3 +45,17 @@ def test_cli_share_and_mpoe(tmp_path):
     assert isinstance(load_compressed(tmp_path / "mpoe").model.layers[29].mlp, MPOEFFN)
     with pytest.raises(SystemExit):  # --groups does not apply to moefication
         main(["compress", "--method", "moefication", "--groups", "2", "--out", str(tmp_path / "x")])
+
+
+def test_cli_dejavu_one_layer_and_its_refusals(tmp_path, capsys):
+    out = tmp_path / "dejavu"
+    assert main(["compress", "--method", "dejavu", "--selector", "gate-lowrank", "--predictor-rank", "32", "--refit",
+                 "--targets-regex", r"model\.layers\.0\.mlp", "--calibration-tokens", "1024", "--out", str(out)]) == 0
+    layer = load_compressed(out).model.layers[0].mlp
+    assert isinstance(layer, NeuronSparseFFN) and layer.selector == "gate-lowrank" and layer.keep == 1536 // 4
+    assert layer.low_rank == 32 and layer.basis.abs().sum() > 0  # the fitted estimator was saved
+    for bad, message in ((["--selector", "psychic"], "selector"), (["--keep-fraction", "0"], "keep_fraction")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compress", "--method", "dejavu", *bad, "--out", str(tmp_path / "x")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

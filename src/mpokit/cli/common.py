@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from mpokit.eval.table import fmt, print_table
 from mpokit.io.atomic import write_json

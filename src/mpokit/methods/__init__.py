@@ -3,6 +3,7 @@ from mpokit.methods.base import (METHODS, REGISTRY, MethodConfig, Report, compre
                                  method_names, register)
 from mpokit.methods.aware import (ASVDConfig, AwareConfig, AwareGlobalConfig, MPO3CoreConfig, SVDConfig,
                                   WhitenedSVDConfig)
+from mpokit.methods.dejavu import DejaVuConfig
 from mpokit.methods.mixed import MixedConfig
 from mpokit.methods.moefication import MoEficationConfig, MoEficationRefitConfig
 from mpokit.methods.mpo import MPOConfig
@@ -21,6 +22,6 @@ from mpokit.methods.opf import OPFConfig
 __all__ = ["METHODS", "REGISTRY", "MethodConfig", "Report", "compress_", "config_from_dict", "get_method",
            "method_names", "register", "AwareConfig", "MPO3CoreConfig", "AwareGlobalConfig", "WhitenedSVDConfig",
            "ASVDConfig", "SVDConfig", "MixedConfig", "MPOConfig", "QuantConfig", "GPTQConfig", "MoEficationConfig",
-           "MoEficationRefitConfig", "MPOEConfig", "ShareConfig", "FullConfig", "KDConfig", "LoRAConfig",
-           "MPOPConfig", "RecoverConfig", "OPFConfig", "OPDFConfig", "DecoQuantKVConfig", "RTNKVConfig",
+           "MoEficationRefitConfig", "DejaVuConfig", "MPOEConfig", "ShareConfig", "FullConfig", "KDConfig",
+           "LoRAConfig", "MPOPConfig", "RecoverConfig", "OPFConfig", "OPDFConfig", "DecoQuantKVConfig", "RTNKVConfig",
            "DecoQuantKCConfig", "RTNKCConfig", "DecoQuantKCRConfig", "RTNKCRConfig", "QuantoKVConfig"]
