@@ -20,18 +20,26 @@ from mpokit.layers.mpoe import MPOEFFN, UpcycledMoE
 from mpokit.layers.quant import QuantLinear
 from mpokit.layers.quant_embedding import QuantEmbedding
 from mpokit.layers.quant_mpo import QuantMPOLinear
+from mpokit.layers.sparse_ffn import NeuronSparseFFN
 from mpokit.surgery import get_module, set_module, to_dense_module
 
 from conftest import tiny_llama
 
 BUILT_IN = {"MPOLinear", "MPOEmbedding", "QuantLinear", "QuantMPOLinear", "MoEFFN", "MPOEFFN", "UpcycledMoE",
-            "Passthrough", "QuantEmbedding"}
+            "Passthrough", "QuantEmbedding", "NeuronSparseFFN"}
 
 
 def _ffn(gated: bool = True, n: int = 12, d: int = 8, bias: bool = False) -> DenseFFN:
     return DenseFFN(up=torch.randn(n, d), down=torch.randn(d, n), act="silu" if gated else "gelu_new",
                     gate=torch.randn(n, d) if gated else None, up_bias=torch.randn(n) if bias else None,
                     down_bias=torch.randn(d) if bias else None)
+
+
+def _neuron_sparse() -> NeuronSparseFFN:
+    """Every neuron kept (so undoing is exact), with a fitted low-rank estimator among its buffers."""
+    layer = NeuronSparseFFN.from_dense(_ffn(bias=True), keep=12, selector="gate-lowrank", predictor_rank=4)
+    layer.fit_lowrank_(torch.randn(32, 8))
+    return layer
 
 
 def _mpo_linear() -> MPOLinear:
@@ -54,6 +62,7 @@ BUILDERS = {
     "UpcycledMoE": lambda: (UpcycledMoE.from_dense(_ffn(bias=True), num_experts=3, top_k=2), torch.randn(2, 3, 8)),
     "MPOEFFN": lambda: (MPOEFFN.from_dense(_ffn(), num_experts=3, top_k=2, noise=0.1), torch.randn(2, 3, 8)),
     "Passthrough": lambda: (Passthrough(), torch.randn(2, 3, 8)),
+    "NeuronSparseFFN": lambda: (_neuron_sparse(), torch.randn(2, 3, 8)),
     "MPOConv2d": lambda: (MPOConv2d.from_conv(nn.Conv2d(3, 8, 3, padding=1), num_cores=2), torch.randn(2, 3, 6, 6)),
     "MPOLSTM": lambda: (MPOLSTM.from_rnn(nn.LSTM(6, 8, num_layers=2), num_cores=2), torch.randn(4, 2, 6)),
     "MPOGRU": lambda: (MPOGRU.from_rnn(nn.GRU(6, 8, batch_first=True), num_cores=2), torch.randn(2, 4, 6)),
@@ -64,7 +73,7 @@ BUILDERS = {
 DENSE_FORMS = {"MPOLinear": nn.Linear, "MPOEmbedding": nn.Embedding, "QuantLinear": nn.Linear,
                "QuantEmbedding": nn.Embedding,
                "QuantMPOLinear": nn.Linear, "MoEFFN": GatedMLP, "MPOEFFN": UpcycledMoE, "UpcycledMoE": UpcycledMoE,
-               "Passthrough": nn.Identity, "MPOConv2d": nn.Conv2d, "MPOLSTM": nn.LSTM, "MPOGRU": nn.GRU}
+               "Passthrough": nn.Identity, "NeuronSparseFFN": GatedMLP, "MPOConv2d": nn.Conv2d, "MPOLSTM": nn.LSTM, "MPOGRU": nn.GRU}
 
 
 def _equal(a, b) -> bool:

@@ -192,7 +192,8 @@ class NeuronSparseFFN(MpokitLayer, nn.Module):
         if self.selector in GATED_SELECTORS:  # the gate runs densely to rank the neurons; its values are reused
             gate = self._gate(x)
             idx = self.scores(x, gate=gate).topk(self.keep, dim=-1).indices  # (T, k)
-            up = torch.stack([torch.mv(self.w_in.index_select(0, i)[:, d:], xt) for i, xt in zip(idx, x)])
+            up_rows = self.w_in[:, d:]  # gathering from this view copies the up halves only: twice as fast
+            up = torch.stack([torch.mv(up_rows.index_select(0, i), xt) for i, xt in zip(idx, x)])
             if self.b_in is not None:
                 up = up + self.b_in[:, 1][idx]
             h = gate.gather(1, idx) * up
