@@ -8,7 +8,9 @@ import torch
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from mpokit import compress_, load_compressed, save_compressed, unload_
+from mpokit.cli.inspect import layer_rows
 from mpokit.data import Calibration
+from mpokit.io.checkpoint import read_meta
 from mpokit.layers.ffn import DenseFFN
 from mpokit.layers.sparse_ffn import GATED_SELECTORS, LOWRANK_SELECTORS, SELECTORS, NeuronSparseFFN
 from mpokit.methods.dejavu import DejaVuConfig
@@ -141,8 +143,12 @@ def test_compress_undo_save_load(arch, selector, tmp_path):
     assert all(r.detail["rel_error_after"] < r.detail["rel_error_before"] for r in report.layers)  # the refit
     sparse = _logits(model, ids)
     assert not torch.allclose(sparse, before, atol=1e-4)
-    back = load_compressed(save_compressed(model, tmp_path / "ckpt"))
+    back = load_compressed(save_compressed(model, tmp_path / "ckpt", extra={"report": report.to_dict()}))
     torch.testing.assert_close(_logits(back, ids), sparse, rtol=1e-5, atol=1e-5)
+    rows = [r for r in layer_rows(read_meta(tmp_path / "ckpt"))  # mpokit inspect: sizes and errors from the report
+            if r["type"] == "NeuronSparseFFN"]  # (BERT's act and output modules stay behind as passthroughs)
+    assert [r["rel_error"] for r in rows] == [r.detail["rel_error_after"] for r in report.layers]
+    assert all(r["params"] == sum(t.numel() for t in m.state_dict().values()) for r, m in zip(rows, layers))
     unload_(model)  # the refit FFNs, dense again
     assert find_ffns(model) and not any(isinstance(m, NeuronSparseFFN) for m in model.modules())
 

@@ -12,10 +12,18 @@ HELP = "show the per-layer layout of a compressed checkpoint (no weights loaded)
 def layer_rows(meta: dict) -> list[dict]:
     from mpokit.ops.tt import core_shapes
 
-    errors = {r["name"]: r.get("rel_error") for r in meta.get("report", {}).get("layers", [])}
+    records = {r["name"]: r for r in meta.get("report", {}).get("layers", [])}
+    errors = {name: r.get("rel_error") for name, r in records.items()}
     rows = []
     for name, spec in meta["layers"].items():
         row = {"layer": name, "type": spec["type"], "tied_to": spec.get("tied_to")}
+        record = records.get(name)
+        if "bonds" not in spec and record:  # other layouts: what the compression report says of the layer
+            before, after = record.get("params_before"), record.get("params_after")
+            error = record.get("rel_error")
+            row.update(shape=record.get("shape"), params=after, dense_params=before,
+                       kept=after / before if before and after is not None else None,
+                       rel_error=(record.get("detail") or {}).get("rel_error_after") if error is None else error)
         if "bonds" in spec:
             shapes = core_shapes(spec["out_dims"], spec["in_dims"], spec["bonds"])
             sizes = [math.prod(s) for s in shapes]
