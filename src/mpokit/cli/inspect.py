@@ -13,17 +13,10 @@ def layer_rows(meta: dict) -> list[dict]:
     from mpokit.ops.tt import core_shapes
 
     records = {r["name"]: r for r in meta.get("report", {}).get("layers", [])}
-    errors = {name: r.get("rel_error") for name, r in records.items()}
     rows = []
     for name, spec in meta["layers"].items():
         row = {"layer": name, "type": spec["type"], "tied_to": spec.get("tied_to")}
-        record = records.get(name)
-        if "bonds" not in spec and record:  # other layouts: what the compression report says of the layer
-            before, after = record.get("params_before"), record.get("params_after")
-            error = record.get("rel_error")
-            row.update(shape=record.get("shape"), params=after, dense_params=before,
-                       kept=after / before if before and after is not None else None,
-                       rel_error=(record.get("detail") or {}).get("rel_error_after") if error is None else error)
+        record = records.get(name, {})
         if "bonds" in spec:
             shapes = core_shapes(spec["out_dims"], spec["in_dims"], spec["bonds"])
             sizes = [math.prod(s) for s in shapes]
@@ -31,7 +24,13 @@ def layer_rows(meta: dict) -> list[dict]:
                            spec.get("in_features", spec.get("embedding_dim")))
             row.update(shape=[rows_, cols], out_dims=spec["out_dims"], in_dims=spec["in_dims"], bonds=spec["bonds"],
                        params=sum(sizes), dense_params=rows_ * cols, kept=sum(sizes) / (rows_ * cols),
-                       central_share=max(sizes) / sum(sizes), rel_error=errors.get(name))
+                       central_share=max(sizes) / sum(sizes), rel_error=record.get("rel_error"))
+        elif record:  # other layouts: what the compression report says of the layer
+            before, after = record.get("params_before"), record.get("params_after")
+            error = record.get("rel_error")
+            row.update(shape=record.get("shape"), params=after, dense_params=before,
+                       kept=after / before if before and after is not None else None,
+                       rel_error=(record.get("detail") or {}).get("rel_error_after") if error is None else error)
         rows.append(row)
     return rows
 

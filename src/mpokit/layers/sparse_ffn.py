@@ -151,18 +151,27 @@ class NeuronSparseFFN(MpokitLayer, nn.Module):
         restore_dense_ffn(model, name, self.site_kind, self.to_dense_ffn())
 
     # ---- compute -----------------------------------------------------------------
-    def pre_activations(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(T, d) -> (T, N or len(rows), g): [gate, up] pre-activations of all neurons or of `rows`."""
-        w = self.w_in if rows is None else self.w_in[rows]
-        z = F.linear(x, w.view(-1, self.hidden_size)).view(x.shape[0], w.shape[0], -1)
-        if self.b_in is not None:
-            z = z + (self.b_in if rows is None else self.b_in[rows])
-        return z
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) -> (T, N, g): every neuron's [gate, up] pre-activations."""
+        z = F.linear(x, self.w_in.view(-1, self.hidden_size)).view(x.shape[0], self.neurons, -1)
+        return z if self.b_in is None else z + self.b_in
+
+    def _activate(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., g) pre-activations -> activations: act(gate) * up, or act(z) without a gate."""
+        return self.act_fn(z[..., 0]) * z[..., 1] if self.gated else self.act_fn(z[..., 0])
 
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """(T, d) -> (T, N): every neuron's activation, as the dense FFN computes it."""
+        return self._activate(self.pre_activations(x))
+
+    def split_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, d) -> every neuron's activation (T, N), and the same with the neurons the selector drops zeroed.
+        The prefill path and the refit both use it, so the refit fits exactly the selection the layer runs."""
         z = self.pre_activations(x)
-        return self.act_fn(z[..., 0]) * z[..., 1] if self.gated else self.act_fn(z[..., 0])
+        gate = self.act_fn(z[..., 0])  # the activation itself when ungated
+        h = gate * z[..., 1] if self.gated else gate
+        idx = self.scores(x, hidden=h, gate=gate).topk(self.keep, dim=-1).indices
+        return h, h * torch.zeros_like(h).scatter_(1, idx, 1.0)
 
     def scores(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
                gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,8 +185,7 @@ class NeuronSparseFFN(MpokitLayer, nn.Module):
             gate = self._gate(x) if gate is None else gate
             return (gate if self.selector == "gate" else gate * self._low_pre_activations(x)[..., 0]).abs()
         if self.selector == "lowrank":
-            z = self._low_pre_activations(x)
-            return (self.act_fn(z[..., 0]) * z[..., 1] if self.gated else self.act_fn(z[..., 0])).abs()
+            return self._activate(self._low_pre_activations(x)).abs()
         return (self.hidden_states(x) if hidden is None else hidden).abs()  # oracle
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,17 +211,12 @@ class NeuronSparseFFN(MpokitLayer, nn.Module):
             z = z.view(x.shape[0], self.keep, g)
             if self.b_in is not None:
                 z = z + torch.stack([self.b_in.index_select(0, i) for i in idx])
-            h = self.act_fn(z[..., 0]) * z[..., 1] if self.gated else self.act_fn(z[..., 0])
+            h = self._activate(z)
         return F.embedding_bag(idx, self.down_t, per_sample_weights=h.to(self.down_t.dtype), mode="sum")
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """Many tokens: the dense FFN with the dropped neurons zeroed (same result, dense speed)."""
-        z = self.pre_activations(x)
-        gate = self.act_fn(z[..., 0])  # the activation itself when ungated
-        h = gate * z[..., 1] if self.gated else gate
-        idx = self.scores(x, hidden=h, gate=gate).topk(self.keep, dim=-1).indices
-        keep = torch.zeros_like(h).scatter_(1, idx, 1.0)
-        return (h * keep) @ self.down_t
+        return self.split_hidden(x)[1] @ self.down_t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:

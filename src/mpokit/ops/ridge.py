@@ -17,27 +17,34 @@ __all__ = ["MaskedRidge"]
 
 
 class MaskedRidge:
-    def __init__(self, features: int, outputs: int, device=None):
-        self.n = features
-        self.gram = torch.zeros(features + 1, features + 1, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(features + 1, outputs, dtype=torch.float64, device=device)
-        self.target_sq = self.err_sq_before = 0.0
+    """Refits down (n, d_out) and bias (d_out,) (None: zeros) to the outputs they give with every neuron kept."""
 
-    def add(self, masked: torch.Tensor, target: torch.Tensor, current: torch.Tensor) -> None:
-        """masked (c, n) activations, target (c, d_out) dense outputs, current (c, d_out) outputs before the refit."""
-        hm = torch.cat([masked.double(), torch.ones_like(masked[:, :1], dtype=torch.float64)], 1)
-        y = target.double()
-        self.gram += hm.t() @ hm
-        self.cross += hm.t() @ y
-        self.target_sq += float(y.pow(2).sum())
-        self.err_sq_before += float((y - current.double()).pow(2).sum())
-
-    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """(W (n, d_out), b (d_out,), relative output errors before and after), both float64."""
+    def __init__(self, down: torch.Tensor, bias: torch.Tensor | None = None, ridge: float = 0.01):
         if ridge < 0:
             raise ValueError(f"expected ridge >= 0, got {ridge}")
+        n, outputs = down.shape
+        self.n, self.ridge = n, ridge
+        self.down = down.detach().double()
+        self.bias = torch.zeros_like(self.down[0]) if bias is None else bias.detach().double()
+        self.gram = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=down.device)
+        self.cross = torch.zeros(n + 1, outputs, dtype=torch.float64, device=down.device)
+        self.target_sq = self.err_sq_before = 0.0
+
+    def add(self, hidden: torch.Tensor, masked: torch.Tensor) -> None:
+        """hidden (c, n) every neuron's activation, masked (c, n) the same with the dropped neurons zeroed."""
+        hm = masked.double()
+        y = hidden.double() @ self.down + self.bias  # the dense outputs: the target
+        current = hm @ self.down + self.bias  # the sparse outputs before the refit
+        hm1 = torch.cat([hm, torch.ones_like(hm[:, :1])], 1)
+        self.gram += hm1.t() @ hm1
+        self.cross += hm1.t() @ y
+        self.target_sq += float(y.pow(2).sum())
+        self.err_sq_before += float((y - current).pow(2).sum())
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(W (n, d_out), b (d_out,), relative output errors before and after), both float64."""
         n, gram = self.n, self.gram.clone()
-        reg = ridge * gram.diagonal()[:n].mean()
+        reg = self.ridge * gram.diagonal()[:n].mean()
         gram.diagonal()[:n] += reg
         gram[n, n] += 1e-9 * gram[n, n]
         sol = torch.linalg.solve(gram, self.cross)  # (n + 1, d_out)

@@ -71,8 +71,8 @@ def sparsify_site(model: nn.Module, site, x: torch.Tensor, config: DejaVuConfig,
                                   config.predictor_batch, seed=config.seed + i)
     else:
         with torch.no_grad():
-            scores = torch.cat([layer.scores(x[j:j + CHUNK].to(layer.w_in)).float().cpu()
-                                for j in range(0, len(x), CHUNK)])
+            scores = torch.cat([layer.scores(x[j:j + CHUNK].to(layer.w_in), hidden=hidden[j:j + CHUNK]).float().cpu()
+                                for j in range(0, len(x), CHUNK)])  # the oracle's hidden: not computed again
         quality = selection_quality(scores, hidden.cpu(), keep)
     del hidden
     if config.refit:
@@ -89,16 +89,10 @@ def sparsify_site(model: nn.Module, site, x: torch.Tensor, config: DejaVuConfig,
 def refit_down_(layer: NeuronSparseFFN, x: torch.Tensor, ridge: float = 0.01) -> dict[str, float]:
     """Refit layer.down_t and an output bias in place so that, with its selector's choice on the calibration
     inputs x (T, d), the layer best reproduces the dense FFN; the relative output errors before and after."""
-    acc = MaskedRidge(layer.neurons, layer.out_features, device=layer.w_in.device)
-    down = layer.down_t.double()
-    bias = layer.b_out.double() if layer.b_out is not None else torch.zeros_like(down[0])
+    acc = MaskedRidge(layer.down_t, layer.b_out, ridge)
     for i in range(0, x.shape[0], CHUNK):
-        xc = x[i:i + CHUNK].to(layer.w_in)
-        h = layer.hidden_states(xc)
-        kept = torch.zeros_like(h).scatter_(1, layer.scores(xc, hidden=h).topk(layer.keep, dim=-1).indices, 1.0)
-        hm = (h * kept).double()
-        acc.add(hm, h.double() @ down + bias, hm @ down + bias)
-    w, b, errors = acc.solve(ridge)
+        acc.add(*layer.split_hidden(x[i:i + CHUNK].to(layer.w_in)))
+    w, b, errors = acc.solve()
     layer.down_t.copy_(w)
     if layer.b_out is None:
         layer.b_out = nn.Parameter(torch.zeros(layer.out_features, device=layer.w_in.device, dtype=layer.w_in.dtype))

@@ -22,23 +22,17 @@ __all__ = ["refit_output_"]
 def refit_output_(moe: MoEFFN, x: torch.Tensor, ridge: float = 0.01, chunk: int = 1024) -> dict[str, float]:
     """Refit moe.w_out and an output bias in place from calibration inputs x (T, d) under moe's
     current routing (router or oracle). Returns the relative output error before and after."""
-    if ridge < 0:
-        raise ValueError(f"expected ridge >= 0, got {ridge}")
     E, m, d_out = moe.w_out.shape
     n = E * m
-    acc = MaskedRidge(n, d_out, device=moe.w_in.device)
-    w_out = moe.w_out.reshape(n, d_out).double()  # (N, d_out) in expert order
-    bias = moe.b_out.double() if moe.b_out is not None else torch.zeros(d_out, dtype=torch.float64,
-                                                                         device=moe.w_in.device)
+    acc = MaskedRidge(moe.w_out.reshape(n, d_out), moe.b_out, ridge)  # (N, d_out) in expert order
     for i in range(0, x.shape[0], chunk):
         xc = x[i:i + chunk].to(moe.w_in)  # (c, d)
-        h = moe.expert_hidden(xc).double()  # (c, E, m)
+        h = moe.expert_hidden(xc)  # (c, E, m)
         keep = torch.zeros(h.shape[0], E, dtype=h.dtype, device=h.device)
         keep[:, :moe.shared_experts] = 1.0
         keep.scatter_(1, moe.select(xc), 1.0)  # (c, E)
-        hm = (h * keep[..., None]).reshape(-1, n)
-        acc.add(hm, h.reshape(-1, n) @ w_out + bias, hm @ w_out + bias)
-    w, b, errors = acc.solve(ridge)
+        acc.add(h.reshape(-1, n), (h * keep[..., None]).reshape(-1, n))
+    w, b, errors = acc.solve()
     moe.w_out.copy_(w.reshape(E, m, d_out))
     if moe.b_out is None:
         moe.b_out = nn.Parameter(torch.zeros(d_out, device=moe.w_in.device, dtype=moe.w_out.dtype))
